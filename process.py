@@ -1,0 +1,144 @@
+"""STOIC2021 algorithm container entry point: one chest CT in, two probabilities out.
+
+Reads the single image under /input/images/ct/, age and sex from /input/patient-age.json
+and /input/patient-sex.json (else the image header, else the defaults), and writes
+/output/probability-covid-19.json and /output/probability-severe-covid-19.json.
+
+Local use:
+    python process.py --input test/input --output /tmp/out [--model-dir DIR] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import SimpleITK
+import torch
+from evalutils.evalutils import Algorithm
+from pandas import DataFrame
+
+from stoic_ct.cli import add_model_arguments, configure_logging
+from stoic_ct.contract import (
+    COVID_OUTPUT,
+    IMAGE_SUBDIR,
+    INPUT_DIR,
+    OUTPUT_DIR,
+    SEVERE_OUTPUT,
+    demographics_for,
+    find_input_image,
+    prepare_output_dir,
+    write_outputs,
+)
+from stoic_ct.errors import StoicError
+from stoic_ct.heads import Probabilities
+from stoic_ct.imageio import Scan, read_scan, scan_from_image
+from stoic_ct.model_files import default_model_dir
+from stoic_ct.pipeline import Balaitous, resolve_device
+
+logger = logging.getLogger("stoic_ct.process")
+
+
+class StoicAlgorithm(Algorithm):  # type: ignore[misc]
+    """evalutils' load -> validate -> process_cases -> save, around the Balaïtous model."""
+
+    def __init__(self, *, input_dir: Path, output_dir: Path, model: Balaitous) -> None:
+        super().__init__(
+            input_path=input_dir / IMAGE_SUBDIR,
+            output_path=output_dir,
+            output_file=output_dir / COVID_OUTPUT,
+            validators={},
+        )
+        self.input_dir, self.output_dir, self.model = input_dir, output_dir, model
+        self.scans: dict[int, Scan] = {}
+
+    def process(self) -> None:
+        """Check the output folder first, so that a bad one fails before any work."""
+        prepare_output_dir(self.output_dir)
+        super().process()
+
+    def load(self) -> None:
+        """Find and read the one input image, with clear errors instead of evalutils' skipping."""
+        path = find_input_image(self._input_path)
+        self.scans = {0: read_scan(path)}
+        self._cases["input_image"] = DataFrame([{"path": path}])
+
+    def process_case(self, *, idx: int, case: Any) -> dict[str, float]:
+        return self.predict_scan(self.scans[idx])
+
+    def predict(self, *, input_image: SimpleITK.Image) -> dict[str, float]:
+        """evalutils' per-image hook: the outputs for an image already in memory."""
+        return self.predict_scan(scan_from_image(input_image, self._input_path))
+
+    def predict_scan(self, scan: Scan) -> dict[str, float]:
+        """Both output values for one scan, keyed by output file name."""
+        demographics = demographics_for(scan, self.input_dir)
+        logger.info(
+            "%s: %s voxels at %s mm; age %g (%s), sex %s (%s)",
+            scan.path,
+            "x".join(map(str, scan.volume.size)),
+            "x".join(f"{s:g}" for s in scan.volume.spacing),
+            demographics.age_years,
+            demographics.age_source,
+            demographics.sex or "unknown",
+            demographics.sex_source,
+        )
+        try:
+            result = self.model.predict(scan.volume, demographics)
+        except StoicError as error:
+            raise error.with_path(scan.path) from None
+        logger.info("stages: %s", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+        return {
+            COVID_OUTPUT: result.probabilities.covid,
+            SEVERE_OUTPUT: result.probabilities.severe,
+        }
+
+    def save(self) -> None:
+        (result,) = self._case_results
+        written = write_outputs(
+            self.output_dir, Probabilities(covid=result[COVID_OUTPUT], severe=result[SEVERE_OUTPUT])
+        )
+        for name, path in written.items():
+            logger.info("%s = %.6f", path, result[name])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the container's job; 0 on success, 1 with one error line otherwise."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--input", type=Path, default=INPUT_DIR, help="input folder (default /input)"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=OUTPUT_DIR, help="output folder (default /output)"
+    )
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging()
+    started = time.perf_counter()
+    try:
+        device = resolve_device(args.device)
+        model_dir = args.model_dir or default_model_dir()
+        model = Balaitous.from_model_dir(model_dir, device)
+        logger.info(
+            "models loaded from %s on %s (torch %s) in %.1f s",
+            model_dir,
+            device,
+            torch.__version__,
+            time.perf_counter() - started,
+        )
+        StoicAlgorithm(input_dir=args.input, output_dir=args.output, model=model).process()
+    except StoicError as error:
+        logger.error("%s", error)
+        return 1
+    logger.info("done in %.1f s", time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

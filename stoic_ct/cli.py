@@ -1,0 +1,325 @@
+"""Command line: `python -m stoic_ct COMMAND ...`.
+
+Commands:
+    predict         run the model on any number of scans and print or write the probabilities
+    phantom         write a synthetic chest CT phantom
+    random-weights  write randomly initialised model files in the published layouts
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stoic_ct.demographics import resolve_demographics
+from stoic_ct.errors import StoicError
+from stoic_ct.imageio import read_scan
+from stoic_ct.model_files import default_model_dir
+
+logger = logging.getLogger("stoic_ct")
+
+CSV_COLUMNS = (
+    "image",
+    "probability_covid_19",
+    "probability_severe_covid_19",
+    "age_years",
+    "age_source",
+    "sex",
+    "sex_source",
+    "lung_found",
+    "error",
+)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Messages to stderr, one line each; stdout stays for results."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model-dir and --device, shared by every command that runs the model."""
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="folder with the model files (default: /opt/ml/model when it exists, "
+        "else the repository's model/)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run the networks (default: auto, a GPU when there is one)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stoic_ct",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    predict = commands.add_parser(
+        "predict",
+        help="P(COVID-19) and P(severe COVID-19) for each scan",
+        description="Run Balaitous on each scan (.mha, .mhd, .nii.gz, .nrrd or a DICOM folder). "
+        "Models load once. Results go to stdout, one line per scan, and to --csv.",
+    )
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument(
+        "--age",
+        type=str,
+        default=None,
+        help="age in years for every scan (default: the PatientAge header, else 65)",
+    )
+    predict.add_argument(
+        "--sex",
+        type=str,
+        default=None,
+        choices=("M", "F"),
+        help="sex for every scan (default: the PatientSex header, else unknown)",
+    )
+    predict.add_argument(
+        "--csv", type=Path, default=None, help="write the results to this CSV file"
+    )
+    predict.add_argument(
+        "--lung-mask",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="a lung label image to use instead of the U-Net (labels 1 right, 2 left, or a "
+        "binary mask), any geometry; give it once per IMAGE, in the same order",
+    )
+    predict.add_argument(
+        "--qc",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a quality-control PNG per scan to this folder",
+    )
+    predict.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="slices per encoder batch (default: 64 on a GPU, 16 on a CPU)",
+    )
+    add_model_arguments(predict)
+
+    phantom = commands.add_parser(
+        "phantom",
+        help="write a synthetic chest CT phantom",
+        description="Write a synthetic chest CT (body, lungs, heart, spine, trachea, lesions) "
+        "in HU, with PatientAge and PatientSex in its header.",
+    )
+    phantom.add_argument("output", type=Path, help="image file to write (.mha, .nii.gz, ...)")
+    phantom.add_argument(
+        "--size",
+        type=int,
+        nargs=3,
+        default=(128, 128, 64),
+        metavar=("X", "Y", "Z"),
+        help="voxels (default 128 128 64)",
+    )
+    phantom.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=(2.8, 2.8, 5.0),
+        metavar=("X", "Y", "Z"),
+        help="mm (default 2.8 2.8 5)",
+    )
+    phantom.add_argument(
+        "--lesion-burden",
+        type=float,
+        default=0.05,
+        help="fraction of the lungs covered by lesions (default 0.05)",
+    )
+    phantom.add_argument("--age", default="065Y", help="PatientAge header (default 065Y)")
+    phantom.add_argument("--sex", default="M", help="PatientSex header (default M)")
+    phantom.add_argument("--seed", type=int, default=0)
+
+    random = commands.add_parser(
+        "random-weights",
+        help="write random model files in the published layouts",
+        description="Write the four model files, randomly initialised, in the published "
+        "layouts, with a RANDOM_WEIGHTS marker. For tests, benchmarks and setup checks "
+        "where the real files cannot be downloaded; their probabilities mean nothing.",
+    )
+    random.add_argument("--dest", type=Path, required=True, help="folder to write to")
+    random.add_argument(
+        "--heads",
+        type=Path,
+        default=None,
+        help="a real balaitous.npz to copy instead of random heads",
+    )
+    random.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit status."""
+    args = _parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        if args.command == "predict":
+            return predict(args)
+        if args.command == "phantom":
+            return phantom(args)
+        if args.command == "random-weights":
+            return random_weights(args)
+    except StoicError as error:
+        logger.error("%s", error)
+        return 1
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def predict(args: argparse.Namespace) -> int:
+    """The `predict` command; 0 when every scan gave a result, 1 otherwise."""
+    from stoic_ct.pipeline import Balaitous, resolve_device
+    from stoic_ct.qc import write_qc
+
+    masks: list[Path | None] = list(args.lung_mask) if args.lung_mask else [None] * len(args.images)
+    if len(masks) != len(args.images):
+        raise StoicError(
+            f"{len(masks)} --lung-mask files for {len(args.images)} images; "
+            "give one mask per image, in the same order"
+        )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise StoicError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.csv is not None:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model_dir or default_model_dir()
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    model = Balaitous.from_model_dir(
+        model_dir, device, with_segmenter=args.lung_mask is None, batch_size=args.batch_size
+    )
+    logger.info(
+        "models loaded from %s on %s in %.1f s", model_dir, device, time.perf_counter() - started
+    )
+
+    rows: list[dict[str, object]] = []
+    progress = tqdm(
+        list(zip(args.images, masks, strict=True)),
+        desc="scans",
+        unit="scan",
+        disable=None,
+        file=sys.stderr,
+    )
+    for image_path, mask_path in progress:
+        row: dict[str, object] = {"image": str(image_path)}
+        try:
+            scan = read_scan(image_path)
+            demographics = resolve_demographics(
+                ages=[
+                    ("--age", args.age),
+                    (f"{image_path} header PatientAge", scan.header.get("PatientAge")),
+                ],
+                sexes=[
+                    ("--sex", args.sex),
+                    (f"{image_path} header PatientSex", scan.header.get("PatientSex")),
+                ],
+            )
+            mask = read_scan(mask_path).volume if mask_path is not None else None
+            try:
+                result = model.predict(scan.volume, demographics, lung_labels=mask)
+            except StoicError as error:
+                raise error.with_path(mask_path or image_path) from None
+        except StoicError as error:
+            logger.error("%s", error)
+            row["error"] = str(error)
+            rows.append(row)
+            continue
+        p = result.probabilities
+        row |= {
+            "probability_covid_19": f"{p.covid:.6f}",
+            "probability_severe_covid_19": f"{p.severe:.6f}",
+            "age_years": f"{demographics.age_years:g}",
+            "age_source": demographics.age_source,
+            "sex": demographics.sex or "",
+            "sex_source": demographics.sex_source,
+            "lung_found": result.slices.lung_found,
+        }
+        rows.append(row)
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+        logger.info("%s: %s", image_path, timings)
+        print(
+            f"{image_path}\tP(COVID-19)={p.covid:.4f}\tP(severe COVID-19)={p.severe:.4f}",
+            flush=True,
+        )
+        if args.qc is not None:
+            png = write_qc(result, image_path.name[:40], args.qc / f"{_stem(image_path)}.png")
+            logger.info("quality-control picture: %s", png)
+
+    if args.csv is not None:
+        with args.csv.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        logger.info("results written to %s", args.csv)
+    failed = sum(1 for row in rows if "error" in row)
+    if failed:
+        logger.error("%d of %d scans failed; see the messages above", failed, len(rows))
+    return 1 if failed else 0
+
+
+def _stem(path: Path) -> str:
+    """A file name without its image suffixes: scan.nii.gz -> scan."""
+    name = path.name
+    for suffix in (".nii.gz", ".mha", ".mhd", ".nii", ".nrrd", ".gz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def phantom(args: argparse.Namespace) -> int:
+    """The `phantom` command: a phantom centred on the origin."""
+    from stoic_ct.phantom import PhantomSpec, make_phantom, write_phantom
+
+    size = tuple(args.size)
+    spacing = tuple(args.spacing)
+    origin = tuple(-n * s / 2 for n, s in zip(size, spacing, strict=True))
+    spec = PhantomSpec(
+        size=size,
+        spacing=spacing,
+        origin=origin,
+        lesion_burden=args.lesion_burden,
+        age=args.age or None,
+        sex=args.sex or None,
+        seed=args.seed,
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_phantom(make_phantom(spec), str(args.output), spec)
+    logger.info(
+        "wrote %s (%s voxels at %s mm)",
+        args.output,
+        "x".join(map(str, size)),
+        "x".join(f"{s:g}" for s in spacing),
+    )
+    return 0
+
+
+def random_weights(args: argparse.Namespace) -> int:
+    """The `random-weights` command."""
+    from stoic_ct.random_weights import write_random_model_dir
+
+    logger.info("writing random ViT-L, R231 and heads files to %s (about 2.5 GB)", args.dest)
+    write_random_model_dir(args.dest, seed=args.seed, heads=args.heads)
+    logger.warning("%s holds RANDOM weights: use it to check a setup, never for results", args.dest)
+    return 0

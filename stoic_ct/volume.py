@@ -1,0 +1,73 @@
+"""The one value that carries a volume between stages, and its only SimpleITK crossing.
+
+SimpleITK indexes images (x, y, z); numpy arrays taken from them are (z, y, x). The
+conversion happens here and nowhere else: every other module sees a `Volume` whose
+`voxels` are (z, y, x) and whose geometry is in SimpleITK's (x, y, z) order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+Vector3 = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D scalar image with its physical geometry.
+
+    Attributes:
+        voxels: (z, y, x) array: HU for a CT, integer labels for a mask.
+        spacing: voxel size in mm, (x, y, z).
+        origin: physical position of voxel (0, 0, 0) in mm, (x, y, z).
+        direction: 3x3 direction cosines, row-major, as SimpleITK stores them.
+    """
+
+    voxels: np.ndarray
+    spacing: Vector3
+    origin: Vector3
+    direction: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.voxels.ndim != 3:
+            raise ValueError(f"Volume voxels must be 3D (z, y, x), not shape {self.voxels.shape}")
+        if len(self.direction) != 9:
+            raise ValueError(f"Volume direction must have 9 cosines, not {len(self.direction)}")
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """Number of voxels along (x, y, z), as SimpleITK reports it."""
+        z, y, x = self.voxels.shape
+        return (x, y, z)
+
+    def with_voxels(self, voxels: np.ndarray) -> Volume:
+        """The same geometry holding other (z, y, x) voxels of the same shape."""
+        if voxels.shape != self.voxels.shape:
+            raise ValueError(f"voxels of shape {voxels.shape} do not fit {self.voxels.shape}")
+        return Volume(voxels, self.spacing, self.origin, self.direction)
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Volume:
+        """Copy a 3D scalar SimpleITK image into a Volume."""
+        return cls(
+            voxels=sitk.GetArrayFromImage(image),
+            spacing=_vector3(image.GetSpacing()),
+            origin=_vector3(image.GetOrigin()),
+            direction=tuple(float(c) for c in image.GetDirection()),
+        )
+
+    def to_sitk(self) -> sitk.Image:
+        """A SimpleITK image with these voxels (same pixel type) and geometry."""
+        image = sitk.GetImageFromArray(self.voxels)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+def _vector3(values: tuple[float, ...]) -> Vector3:
+    x, y, z = (float(v) for v in values)
+    return (x, y, z)

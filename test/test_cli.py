@@ -1,0 +1,185 @@
+"""`python -m stoic_ct predict` and `phantom`: many scans, masks, CSV, QC pictures, failures."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+from helpers import SMALL_PHANTOM, threshold_segmenter, write_case
+from stoic_ct.cli import CSV_COLUMNS, main
+from stoic_ct.demographics import Demographics
+from stoic_ct.imageio import read_scan
+from stoic_ct.phantom import PhantomSpec
+from stoic_ct.pipeline import Balaitous
+from stoic_ct.resampling import resample
+
+
+def write_mask(image: Path, mask_path: Path) -> Path:
+    """The threshold segmenter's labels for `image`, written on the working grid."""
+    resampled = resample(read_scan(image).volume)
+    labels = resampled.with_voxels(threshold_segmenter(resampled))
+    sitk.WriteImage(labels.to_sitk(), str(mask_path))
+    return mask_path
+
+
+@pytest.fixture
+def two_scans(tmp_path: Path) -> list[tuple[Path, Path]]:
+    scans = []
+    for i, burden in enumerate((0.0, 0.3)):
+        spec = PhantomSpec(**{**SMALL_PHANTOM.__dict__, "lesion_burden": burden, "seed": i})
+        image = write_case(tmp_path / f"case{i}", spec, name=f"scan{i}.nii.gz")
+        scans.append((image, write_mask(image, tmp_path / f"mask{i}.nrrd")))
+    return scans
+
+
+def test_predict_with_masks_csv_and_qc(
+    tiny_model: Balaitous,
+    tiny_model_dir: Path,
+    two_scans: list[tuple[Path, Path]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = [
+        "predict",
+        *(str(i) for i, _ in two_scans),
+        "--model-dir",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--csv",
+        str(tmp_path / "out" / "results.csv"),
+        "--qc",
+        str(tmp_path / "qc"),
+        "--age",
+        "70",
+        "--sex",
+        "M",
+    ]
+    for _, mask in two_scans:
+        args += ["--lung-mask", str(mask)]
+    assert main(args) == 0
+
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert [r["image"] for r in rows] == [str(i) for i, _ in two_scans]
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    stdout = capsys.readouterr().out.splitlines()
+    assert len(stdout) == 2
+    for (image, _), row, line in zip(two_scans, rows, stdout, strict=True):
+        expected = tiny_model.predict(read_scan(image).volume, Demographics(70.0, "M"))
+        assert float(row["probability_covid_19"]) == pytest.approx(
+            expected.probabilities.covid, abs=1e-6
+        )
+        assert float(row["probability_severe_covid_19"]) == pytest.approx(
+            expected.probabilities.severe, abs=1e-6
+        )
+        assert (row["age_years"], row["age_source"], row["sex"]) == ("70", "--age", "M")
+        assert row["sex_source"] == "--sex"
+        assert row["lung_found"] == "True" and row["error"] == ""
+        assert line.startswith(f"{image}\tP(COVID-19)=")
+    assert sorted(p.name for p in (tmp_path / "qc").iterdir()) == ["scan0.png", "scan1.png"]
+
+
+def test_a_bad_scan_is_reported_and_the_rest_run(
+    tiny_model_dir: Path,
+    two_scans: list[tuple[Path, Path]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken = tmp_path / "broken.mha"
+    broken.write_bytes(b"nonsense")
+    (good, mask), _ = two_scans
+    status = main(
+        [
+            "predict",
+            str(broken),
+            str(good),
+            "--lung-mask",
+            str(mask),
+            "--lung-mask",
+            str(mask),
+            "--model-dir",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--csv",
+            str(tmp_path / "results.csv"),
+        ]
+    )
+    assert status == 1
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert "cannot read it as an image" in rows[0]["error"]
+    assert rows[1]["error"] == "" and float(rows[1]["probability_covid_19"]) > 0
+    assert "1 of 2 scans failed" in caplog.text
+
+
+def test_mask_count_must_match(
+    tiny_model_dir: Path, two_scans: list[tuple[Path, Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    (image, mask), (other, _) = two_scans
+    status = main(
+        [
+            "predict",
+            str(image),
+            str(other),
+            "--lung-mask",
+            str(mask),
+            "--model-dir",
+            str(tiny_model_dir),
+        ]
+    )
+    assert status == 1
+    assert "1 --lung-mask files for 2 images" in caplog.text
+
+
+def test_predict_runs_the_unet_by_default(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    thin = PhantomSpec(size=(64, 56, 3), spacing=(5.6, 5.6, 5.0), origin=(-180, -150, -5))
+    image = write_case(tmp_path, thin)
+    assert (
+        main(
+            [
+                "predict",
+                str(image),
+                "--model-dir",
+                str(tiny_model_dir),
+                "--sex",
+                "F",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith(f"{image}\tP(COVID-19)=")
+
+
+def test_phantom_command(tmp_path: Path) -> None:
+    path = tmp_path / "p.nrrd"
+    assert (
+        main(
+            [
+                "phantom",
+                str(path),
+                "--size",
+                "40",
+                "30",
+                "6",
+                "--spacing",
+                "5",
+                "5",
+                "10",
+                "--age",
+                "050Y",
+                "--sex",
+                "F",
+            ]
+        )
+        == 0
+    )
+    scan = read_scan(path)
+    assert scan.volume.size == (40, 30, 6)
+    assert scan.header == {"PatientAge": "050Y", "PatientSex": "F"}

@@ -1,0 +1,93 @@
+"""Slice encoding against the published iBOTExtractor, on a small ViT with the same weights."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import install_compose_for_balaitous
+from stoic_ct.encoders import SliceEncoder, to_model_input
+from stoic_ct.random_weights import random_vit_state_dict
+from stoic_ct.vit import VisionTransformer, ViTConfig
+
+CONFIG = ViTConfig(embed_dim=128, depth=2, num_heads=2, mlp_hidden=256)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, torch.Tensor]:
+    return random_vit_state_dict(CONFIG, seed=7)
+
+
+@pytest.fixture(scope="module")
+def ours(weights: dict[str, torch.Tensor]) -> VisionTransformer:
+    model = VisionTransformer(CONFIG)
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("norm.")})
+    return model.eval()
+
+
+def slices(seed: int, depth: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(-1100, 900, size=(224, 224, depth)).astype(np.int16)
+
+
+def test_model_input_matches_published_preprocessing(published: types.ModuleType) -> None:
+    image = slices(0, depth=3)
+    expected = published.imagenet_preprocessing(image.copy(), vmin=-1024, vmax=600)
+    got = to_model_input(image, CPU)
+    assert got.shape == (3, 3, 224, 224)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=2e-6)
+
+
+def test_features_match_the_published_extractor(
+    published: types.ModuleType, weights: dict[str, torch.Tensor], ours: VisionTransformer
+) -> None:
+    install_compose_for_balaitous()
+    import balaitous.vit
+
+    theirs = balaitous.vit.VisionTransformer(
+        embed_dim=128, depth=2, num_heads=2, mlp_ratio=2, qkv_bias=True
+    )
+    theirs.load_state_dict(weights)
+    extractor = published.iBOTExtractor.__new__(published.iBOTExtractor)
+    extractor.key, extractor.vmin, extractor.vmax, extractor.device = "full", -1024, 600, "cpu"
+    extractor.model = theirs.eval()
+
+    image = slices(1, depth=7)
+    expected = extractor({"image": image})["features"]["full"]
+    got = SliceEncoder(ours, CPU, batch_size=3)(image)
+    assert got.shape == (128,)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # Another stack gives features far outside the tolerance.
+    assert (
+        np.abs(extractor({"image": slices(2, depth=7)})["features"]["full"] - expected).max() > 1e-4
+    )
+
+
+def test_flip_averaging(ours: VisionTransformer) -> None:
+    image = slices(3, depth=4)
+    encoder = SliceEncoder(ours, CPU)
+    with torch.no_grad():
+        x = to_model_input(image, CPU)
+        manual = (ours(x).mean(0) + ours(x.flip(2)).mean(0)).double().numpy() / 2
+    np.testing.assert_allclose(encoder(image), manual, rtol=0, atol=1e-6)
+    # A stack and its vertical mirror give the same feature.
+    np.testing.assert_allclose(encoder(image[::-1]), encoder(image), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5, 64])
+def test_batch_size_does_not_change_features(ours: VisionTransformer, batch_size: int) -> None:
+    image = slices(4, depth=5)
+    reference = SliceEncoder(ours, CPU, batch_size=5)(image)
+    np.testing.assert_allclose(
+        SliceEncoder(ours, CPU, batch_size)(image), reference, rtol=0, atol=1e-6
+    )
+
+
+def test_empty_stack_is_refused(ours: VisionTransformer) -> None:
+    with pytest.raises(ValueError, match="Z >= 1"):
+        SliceEncoder(ours, CPU)(np.zeros((224, 224, 0), dtype=np.int16))

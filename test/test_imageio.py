@@ -1,0 +1,143 @@
+"""Reading scans: every format SimpleITK reads, and a clear error for each bad input."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from helpers import write_image
+from stoic_ct.errors import InputError
+from stoic_ct.imageio import read_scan
+
+VOXELS = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nii.gz", ".nrrd", ".mhd"])
+def test_reads_image_files(tmp_path: Path, suffix: str) -> None:
+    path = write_image(
+        tmp_path / f"scan{suffix}",
+        VOXELS,
+        spacing=(0.8, 0.9, 2.5),
+        PatientAge="045Y",
+        PatientSex="F",
+    )
+    scan = read_scan(path)
+    np.testing.assert_array_equal(scan.volume.voxels, VOXELS)
+    assert scan.volume.spacing == pytest.approx((0.8, 0.9, 2.5))
+    assert scan.volume.size == (6, 5, 4)
+    if suffix in (".mha", ".mhd", ".nrrd"):
+        assert scan.header == {"PatientAge": "045Y", "PatientSex": "F"}
+
+
+def test_reads_a_dicom_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for k in range(VOXELS.shape[0]):
+        image = sitk.GetImageFromArray(VOXELS[k])
+        image.SetSpacing((0.8, 0.9))
+        tags = {
+            "0008|0060": "CT",
+            "0010|1010": "072Y",
+            "0010|0040": "M",
+            "0020|000d": "1.2.3",
+            "0020|000e": "1.2.3.4",
+            "0020|0013": str(k + 1),
+            "0020|0032": f"0\\0\\{2.5 * k}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": "0.9\\0.8",
+        }
+        for tag, value in tags.items():
+            image.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(image)
+    scan = read_scan(folder)
+    np.testing.assert_array_equal(scan.volume.voxels, VOXELS)
+    assert scan.volume.spacing[2] == pytest.approx(2.5)
+    assert scan.header == {"PatientAge": "072Y", "PatientSex": "M"}
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="nope.mha: no such file or folder"):
+        read_scan(tmp_path / "nope.mha")
+
+
+def test_folder_without_dicom(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match="holds no DICOM series"):
+        read_scan(tmp_path)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "scan.mha"
+    path.write_bytes(b"this is not an image")
+    with pytest.raises(InputError, match=r"scan.mha: cannot read it as an image"):
+        read_scan(path)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_truncated_file(tmp_path: Path, compress: bool) -> None:
+    path = tmp_path / "scan.mha"
+    rng = np.random.default_rng(0)
+    sitk.WriteImage(
+        sitk.GetImageFromArray(rng.integers(-1000, 1000, (20, 30, 30)).astype(np.int16)),
+        str(path),
+        useCompression=compress,
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(
+        InputError, match=r"scan.mha: cannot read its voxels; the file is truncated"
+    ):
+        read_scan(path)
+
+
+def test_2d_image(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "slice.mha", VOXELS[0], spacing=(1.0, 1.0))
+    with pytest.raises(InputError, match=r"slice.mha: it is a 2D image \(6x5 pixels\)"):
+        read_scan(path)
+
+
+def test_4d_image(tmp_path: Path) -> None:
+    path = tmp_path / "series.mha"
+    sitk.WriteImage(sitk.Image([6, 5, 4, 3], sitk.sitkInt16), str(path))
+    with pytest.raises(InputError, match=r"series.mha: it is a 4D image \(6x5x4x3 voxels\)"):
+        read_scan(path)
+
+
+def test_multi_component_image(tmp_path: Path) -> None:
+    path = tmp_path / "rgb.mha"
+    sitk.WriteImage(sitk.Image([6, 5, 4], sitk.sitkVectorUInt8, 3), str(path))
+    with pytest.raises(InputError, match="rgb.mha: it has 3 components per voxel"):
+        read_scan(path)
+
+
+def test_some_nan_voxels_become_air(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    voxels = VOXELS.astype(np.float32)
+    voxels[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    scan = read_scan(write_image(tmp_path / "scan.mha", voxels))
+    assert np.isfinite(scan.volume.voxels).all()
+    np.testing.assert_array_equal(scan.volume.voxels[0, 0, :3], -1024)
+    np.testing.assert_array_equal(scan.volume.voxels[1:], voxels[1:])
+    assert any(
+        r.levelno == logging.WARNING and "3 of 120 voxels are NaN or infinite" in r.message
+        for r in caplog.records
+    )
+
+
+def test_all_nan_is_an_error(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "scan.mha", np.full((3, 4, 5), np.nan, dtype=np.float32))
+    with pytest.raises(InputError, match="scan.mha: every voxel is NaN or infinite"):
+        read_scan(path)
+
+
+def test_complex_voxels(tmp_path: Path) -> None:
+    path = tmp_path / "complex.nii.gz"  # MetaImage stores complex voxels as two channels
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkComplexFloat32), str(path))
+    with pytest.raises(InputError, match="complex numbers"):
+        read_scan(path)

@@ -1,0 +1,96 @@
+"""Where the model files are, and what happens when one is missing or unreadable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import unprivileged
+from stoic_ct.errors import ModelFileError
+from stoic_ct.model_files import (
+    ALL_FILES,
+    REPOSITORY_MODEL_DIR,
+    VIT_CT,
+    ModelFiles,
+    default_model_dir,
+    load_state_dict,
+)
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def test_published_names() -> None:
+    assert [f.name for f in ALL_FILES] == [
+        "vitl_16_ct.pth",
+        "vitl_16_pt22k.pth",
+        "unet_r231-d5d2fc3d.pth",
+        "balaitous.npz",
+    ]
+
+
+def test_default_dir_is_the_uploaded_model_when_it_holds_files(tmp_path: Path) -> None:
+    assert default_model_dir(tmp_path / "absent") == REPOSITORY_MODEL_DIR
+    assert default_model_dir(tmp_path) == REPOSITORY_MODEL_DIR  # exists, but empty
+    (tmp_path / "balaitous.npz").write_bytes(b"")
+    assert default_model_dir(tmp_path) == tmp_path
+
+
+def test_missing_file_names_path_and_source(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError) as error:
+        _ = ModelFiles(tmp_path).vit_ct
+    assert str(error.value) == (
+        f"{tmp_path}/vitl_16_ct.pth: is missing; expected iBOT ViT-L/16 fine-tuned on lung CT, "
+        "a plain state dict (encoder 'full', 24 blocks), published at "
+        "https://zenodo.org/record/6547999/files/vitl_16_ct.pth"
+    )
+
+
+def test_a_folder_in_place_of_a_file(tmp_path: Path) -> None:
+    (tmp_path / "balaitous.npz").mkdir()
+    with pytest.raises(ModelFileError, match="balaitous.npz: is missing"):
+        _ = ModelFiles(tmp_path).heads
+
+
+def test_unreadable_file(shared_tmp: Path) -> None:
+    """As an unprivileged user (root reads anything): a file without read permission."""
+    path = shared_tmp / "vitl_16_ct.pth"
+    path.write_bytes(b"x")
+    path.chmod(0)
+    script = (
+        f"from stoic_ct.model_files import ModelFiles; ModelFiles(Path({str(shared_tmp)!r})).vit_ct"
+    )
+    done = subprocess.run(
+        unprivileged([sys.executable, "-c", "from pathlib import Path; " + script]),
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert f"ModelFileError: {path}: is not readable by this user" in done.stderr
+
+
+def test_legacy_checkpoint_format_loads(tmp_path: Path) -> None:
+    """Checkpoints from before PyTorch 1.6 cannot be memory-mapped; they still load."""
+    path = tmp_path / "old.pth"
+    torch.save({"w": torch.arange(4.0)}, path, _use_new_zipfile_serialization=False)
+    state = load_state_dict(path, VIT_CT)
+    torch.testing.assert_close(state["w"], torch.arange(4.0))
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "vitl_16_ct.pth"
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)
+    with pytest.raises(ModelFileError, match="cannot be loaded"):
+        load_state_dict(path, VIT_CT)
+
+
+def test_a_list_is_not_a_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "vitl_16_ct.pth"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(ModelFileError, match="does not hold a state dict of tensors"):
+        load_state_dict(path, VIT_CT)
