@@ -12,16 +12,9 @@ must not be the random ones that 'python -m stoic_ct random-weights' writes.
 USAGE
 }
 
-tag=stoic-balaitous
-while [ $# -gt 0 ]; do
-    case "$1" in
-        -h|--help) usage; exit 0 ;;
-        --tag) tag="${2:?--tag needs a name}"; shift 2 ;;
-        *) echo "error: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
-    esac
-done
-
 here="$(cd "$(dirname "$0")" && pwd -P)"
+# shellcheck source=scripts/args.sh
+source "$here/scripts/args.sh"
 command -v docker >/dev/null 2>&1 || { echo "error: docker is not installed or not on PATH" >&2; exit 1; }
 docker info >/dev/null 2>&1 || { echo "error: cannot reach the Docker engine (is it running? may this user use it?)" >&2; exit 1; }
 

@@ -12,16 +12,9 @@ checks that both outputs are JSON probabilities in [0, 1].
 USAGE
 }
 
-tag=stoic-balaitous
-while [ $# -gt 0 ]; do
-    case "$1" in
-        -h|--help) usage; exit 0 ;;
-        --tag) tag="${2:?--tag needs a name}"; shift 2 ;;
-        *) echo "error: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
-    esac
-done
-
 here="$(cd "$(dirname "$0")" && pwd -P)"
+# shellcheck source=scripts/args.sh
+source "$here/scripts/args.sh"
 "$here/build.sh" --tag "$tag"
 
 gpus=()

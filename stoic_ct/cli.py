@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stoic_ct.demographics import resolve_demographics
+from stoic_ct.demographics import parse_age, resolve_demographics
 from stoic_ct.errors import StoicError
 from stoic_ct.imageio import read_scan
 from stoic_ct.model_files import default_model_dir
@@ -54,7 +54,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-dir",
         type=Path,
         default=None,
-        help="folder with the model files (default: /opt/ml/model when it exists, "
+        help="folder with the model files (default: /opt/ml/model when it holds them, "
         "else the repository's model/)",
     )
     parser.add_argument(
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument(
         "--age",
-        type=str,
+        type=_age,
         default=None,
         help="age in years for every scan (default: the PatientAge header, else 65)",
     )
@@ -277,6 +277,13 @@ def predict(args: argparse.Namespace) -> int:
     if failed:
         logger.error("%d of %d scans failed; see the messages above", failed, len(rows))
     return 1 if failed else 0
+
+
+def _age(text: str) -> float:
+    try:
+        return parse_age(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _stem(path: Path) -> str:

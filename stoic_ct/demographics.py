@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
 Sex = Literal["M", "F"]
+T = TypeVar("T")
 
 DEFAULT_AGE_YEARS = 65.0
 AGE_FEATURE_RANGE = (0.25, 0.95)
@@ -115,23 +116,20 @@ def resolve_demographics(
             of None means the source does not have it. Invalid values are logged as
             warnings and skipped.
     """
-    age, age_source = DEFAULT_AGE_YEARS, "default"
-    for source, raw in ages:
-        if raw is None:
-            continue
-        try:
-            age, age_source = parse_age(raw), source
-            break
-        except ValueError as error:
-            logger.warning("%s: %s; using the next source of the age", source, error)
-    sex: Sex | None = None
-    sex_source = "default"
-    for source, raw in sexes:
-        if raw is None:
-            continue
-        try:
-            sex, sex_source = parse_sex(raw), source
-            break
-        except ValueError as error:
-            logger.warning("%s: %s; using the next source of the sex", source, error)
+    age, age_source = _first_valid(ages, parse_age, "age", DEFAULT_AGE_YEARS)
+    sex, sex_source = _first_valid(sexes, parse_sex, "sex", None)
     return Demographics(age, sex, age_source, sex_source)
+
+
+def _first_valid(
+    sources: Iterable[tuple[str, object]], parse: Callable[[object], T], what: str, default: T
+) -> tuple[T, str]:
+    """The first value `parse` accepts, with its source; else `default` and "default"."""
+    for source, raw in sources:
+        if raw is None:
+            continue
+        try:
+            return parse(raw), source
+        except ValueError as error:
+            logger.warning("%s: %s; using the next source of the %s", source, error, what)
+    return default, "default"

@@ -8,6 +8,9 @@ vertically flipped slices.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -30,6 +33,23 @@ def to_model_input(
     return (scaled.unsqueeze(1) - mean) / std
 
 
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Full float32 precision on a GPU: no TF32 in convolutions or matrix products.
+
+    PyTorch lets cuDNN convolutions use TF32 by default on Ampere and later GPUs, which
+    moves features by ~1e-3; the exact mode must give the CPU's numbers.
+    """
+    previous = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous[0]
+        torch.set_float32_matmul_precision(previous[1])
+
+
 class SliceEncoder:
     """A frozen ViT on a device, turning a slice stack into one flip-averaged feature."""
 
@@ -46,6 +66,7 @@ class SliceEncoder:
         return self.model.config.embed_dim
 
     @torch.inference_mode()
+    @exact_float32()
     def __call__(self, slices: np.ndarray) -> np.ndarray:
         """(H, W, Z) HU, Z >= 1 -> (D,) float64 feature.
 

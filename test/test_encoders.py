@@ -91,3 +91,22 @@ def test_batch_size_does_not_change_features(ours: VisionTransformer, batch_size
 def test_empty_stack_is_refused(ours: VisionTransformer) -> None:
     with pytest.raises(ValueError, match="Z >= 1"):
         SliceEncoder(ours, CPU)(np.zeros((224, 224, 0), dtype=np.int16))
+
+
+def test_tf32_is_off_while_encoding_and_restored_after(ours: VisionTransformer) -> None:
+    seen = []
+    hook = ours.patch_embed.register_forward_hook(
+        lambda *_: seen.append(
+            (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+        )
+    )
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        SliceEncoder(ours, CPU)(slices(5, depth=1))
+        assert seen == [(False, "highest")]
+        assert torch.backends.cudnn.allow_tf32 is True
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        hook.remove()
+        torch.set_float32_matmul_precision("highest")

@@ -46,6 +46,15 @@ def run_process(*args: str | Path, as_user: bool = False) -> subprocess.Complete
     )
 
 
+def run_as_container(
+    input_dir: Path, output: Path, model_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    """process.py as the container runs it: a non-root user, the three folders given."""
+    return run_process(
+        "--input", input_dir, "--output", output, "--model-dir", model_dir, as_user=True
+    )
+
+
 def outputs(folder: Path) -> dict[str, float]:
     return {p.name: json.loads(p.read_text()) for p in sorted(folder.iterdir())}
 
@@ -65,15 +74,7 @@ def test_container_run(shared_model_dir: Path, shared_tmp: Path) -> None:
     output.mkdir(mode=0o777)
     output.chmod(0o777)
 
-    done = run_process(
-        "--input",
-        shared_tmp / "input",
-        "--output",
-        output,
-        "--model-dir",
-        shared_model_dir,
-        as_user=True,
-    )
+    done = run_as_container(shared_tmp / "input", output, shared_model_dir)
     assert done.returncode == 0, done.stderr
     result = outputs(output)
     assert set(result) == {COVID_OUTPUT, SEVERE_OUTPUT}
@@ -274,15 +275,7 @@ def test_unwritable_output_folder(shared_model_dir: Path, shared_tmp: Path) -> N
     output = shared_tmp / "output"
     output.mkdir(mode=0o555)
     output.chmod(0o555)
-    done = run_process(
-        "--input",
-        shared_tmp / "input",
-        "--output",
-        output,
-        "--model-dir",
-        shared_model_dir,
-        as_user=True,
-    )
+    done = run_as_container(shared_tmp / "input", output, shared_model_dir)
     assert done.returncode == 1
     (line,) = error_lines(done.stderr)
     assert line.endswith(f"{output}: the output folder is not writable (Permission denied)")
