@@ -50,7 +50,6 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
         super().__init__(
             input_path=input_dir / IMAGE_SUBDIR,
             output_path=output_dir,
-            output_file=output_dir / COVID_OUTPUT,
             validators={},
         )
         self.input_dir, self.output_dir, self.model = input_dir, output_dir, model

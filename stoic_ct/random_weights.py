@@ -61,10 +61,11 @@ def random_r231_state_dict(*, seed: int = 0) -> dict[str, torch.Tensor]:
     """lungmask's R231 U-Net with PyTorch's default initialisation, reproducible from `seed`."""
     from lungmask.resunet import UNet
 
-    torch.manual_seed(seed)
-    model = UNet(
-        n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False
-    )
+    with torch.random.fork_rng():  # leave the caller's random state alone
+        torch.manual_seed(seed)
+        model = UNet(
+            n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False
+        )
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
