@@ -12,8 +12,9 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TORCH_HOME=/tmp/torch
 
-RUN groupadd --system user \
-    && useradd --create-home --no-log-init --system --gid user user \
+# A fixed numeric user, so that the host and the platform resolve it the same way.
+RUN groupadd --system --gid 1001 user \
+    && useradd --create-home --no-log-init --system --uid 1001 --gid user user \
     && mkdir -p /opt/app /input /output \
     && chown user:user /opt/app /input /output
 
@@ -31,5 +32,5 @@ COPY --chown=user:user model/ /opt/app/model/
 COPY --chown=user:user stoic_ct/ /opt/app/stoic_ct/
 COPY --chown=user:user process.py /opt/app/
 
-USER user
+USER 1001:1001
 ENTRYPOINT ["python", "-m", "process"]

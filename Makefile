@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   set up .venv and run the algorithm on the shipped test case
-#   make test   set up .venv and run every check: ruff, mypy and the whole test suite
+#   make test   set up .venv and run every check: ruff, mypy, shellcheck, hadolint, the tests
 # Other targets: make setup, make lint, make clean.
 
 PYTHON ?= python3
@@ -30,6 +30,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/shellcheck --external-sources build.sh test.sh export.sh scripts/*.sh .ci/run
+	$(BIN)/hadolint Dockerfile
 
 test: lint
 	$(BIN)/python -m pytest

@@ -6,19 +6,22 @@ usage() {
     cat <<USAGE
 Usage: ./export.sh [--tag NAME]
 
-Builds the image (./build.sh) and writes:
+Builds the image (./build.sh, which fetches and checks the model files) and writes:
   NAME.tar.gz    the image, for the algorithm's container upload
-  model.tar.gz   the files of model/, for the separate model upload (extracted at /opt/ml/model)
+  model.tar.gz   the files of model/ and their MANIFEST, for the separate model upload
+                 (grand-challenge extracts it at /opt/ml/model, where it takes precedence)
 USAGE
 }
 
 here="$(cd "$(dirname "$0")" && pwd -P)"
 # shellcheck source=scripts/args.sh
 source "$here/scripts/args.sh"
+
 "$here/build.sh" --tag "$tag"
 
 docker save "$tag" | gzip -c > "$here/$tag.tar.gz"
-echo "wrote $here/$tag.tar.gz"
-tar --create --gzip --file "$here/model.tar.gz" --directory "$here/model" \
-    vitl_16_ct.pth vitl_16_pt22k.pth unet_r231-d5d2fc3d.pth balaitous.npz
-echo "wrote $here/model.tar.gz"
+echo "wrote $here/$tag.tar.gz ($(du -h "$here/$tag.tar.gz" | cut -f1))"
+# The files build.sh checked: those its MANIFEST lists ("<sha256>  <name>" lines).
+mapfile -t files < <(cut -d' ' -f3- "$here/model/MANIFEST")
+tar --create --gzip --file "$here/model.tar.gz" --directory "$here/model" "${files[@]}" MANIFEST
+echo "wrote $here/model.tar.gz ($(du -h "$here/model.tar.gz" | cut -f1))"

@@ -1,6 +1,8 @@
+# shellcheck shell=bash
 # Argument parsing shared by build.sh, test.sh and export.sh; sourced, not run.
 # The sourcing script defines usage() first. Sets $tag (default stoic-balaitous).
 
+# shellcheck disable=SC2034  # read by the scripts that source this file
 tag=stoic-balaitous
 while [ $# -gt 0 ]; do
     case "$1" in

@@ -2,6 +2,7 @@
 
 Commands:
     predict         run the model on any number of scans and print or write the probabilities
+    fetch-weights   download the four model files from where they are published, and check them
     phantom         write a synthetic chest CT phantom
     random-weights  write randomly initialised model files in the published layouts
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,8 +22,9 @@ from tqdm import tqdm
 
 from stoic_ct.demographics import parse_age, resolve_demographics
 from stoic_ct.errors import StoicError
+from stoic_ct.fetch import INDEX_URL, ZENODO_URL
 from stoic_ct.imageio import read_scan
-from stoic_ct.model_files import default_model_dir
+from stoic_ct.model_files import R231, REPOSITORY_MODEL_DIR, default_model_dir
 
 logger = logging.getLogger("stoic_ct")
 
@@ -121,6 +124,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(predict)
 
+    fetch = commands.add_parser(
+        "fetch-weights",
+        help="download and check the four model files",
+        description="Download the model files from where they are published (Zenodo, "
+        "lungmask's GitHub release, the balaitous 1.2 wheel on the package index), resuming "
+        "broken downloads; check each (published digest, keys and shapes); record their "
+        "sha256 in DEST/MANIFEST. Files already present and valid are kept. Offline, it "
+        "says per file where to fetch it by hand and where to put it.",
+    )
+    fetch.add_argument(
+        "--dest",
+        type=Path,
+        default=None,
+        help="folder for the files (default: the repository's model/)",
+    )
+    fetch.add_argument(
+        "--zenodo-url",
+        default=ZENODO_URL,
+        help=f"base URL of the ViT-L files (default {ZENODO_URL})",
+    )
+    fetch.add_argument(
+        "--lungmask-url",
+        default=R231.url,
+        help="URL of the R231 file; its name carries the sha256 prefix to check",
+    )
+    fetch.add_argument(
+        "--index-url",
+        default=os.environ.get("PIP_INDEX_URL", INDEX_URL),
+        help="package index holding the balaitous 1.2 wheel "
+        f"(default: $PIP_INDEX_URL, else {INDEX_URL})",
+    )
+
     phantom = commands.add_parser(
         "phantom",
         help="write a synthetic chest CT phantom",
@@ -179,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return predict(args)
+        if args.command == "fetch-weights":
+            return fetch_weights(args)
         if args.command == "phantom":
             return phantom(args)
         if args.command == "random-weights":
@@ -293,6 +330,21 @@ def _stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def fetch_weights(args: argparse.Namespace) -> int:
+    """The `fetch-weights` command."""
+    import torch
+
+    from stoic_ct.fetch import Sources
+    from stoic_ct.fetch import fetch_weights as fetch
+    from stoic_ct.pipeline import Balaitous, check_model_file
+
+    dest = args.dest or REPOSITORY_MODEL_DIR
+    fetch(dest, Sources(args.zenodo_url, args.lungmask_url, args.index_url), check_model_file)
+    # The files fit together: the encoders' features are what the heads take.
+    Balaitous.from_model_dir(dest, torch.device("cpu"), with_segmenter=False)
+    return 0
 
 
 def phantom(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from stoic_ct.demographics import Demographics, resolve_demographics
 from stoic_ct.errors import InputError
 from stoic_ct.heads import Probabilities
 from stoic_ct.imageio import Scan
+from stoic_ct.model_files import READABLE
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def write_outputs(output_dir: Path, probabilities: Probabilities) -> dict[str, P
         for name, value in values.items():
             handle, staging = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=".tmp")
             staged[Path(staging)] = output_dir / name
+            os.fchmod(handle, READABLE)
             with os.fdopen(handle, "w", encoding="utf-8") as f:
                 f.write(json.dumps(float(value)))
                 f.flush()

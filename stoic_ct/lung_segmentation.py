@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from stoic_ct.checkpoints import check_r231_weights
 from stoic_ct.errors import InputError
-from stoic_ct.model_files import check_r231_weights
 from stoic_ct.resampling import resample_labels
 from stoic_ct.volume import Volume
 

@@ -1,28 +1,29 @@
-"""The one place that knows the model files: their names, sources, licences and checks.
+"""The one place that knows the model files: their names, sources, licences and digests.
 
-A model directory holds the four files under their published names. Every loader goes
-through `ModelFiles`, so a missing or malformed file always stops the run with a message
-that names the file, what was expected and where it is published.
+A model directory holds the four files under their published names, and a `MANIFEST` of
+their sha256 sums once `fetch-weights` has checked them. Every loader goes through
+`ModelFiles`, so a missing file always stops the run with a message that names the file,
+what was expected and where it is published. This module needs only the standard library,
+so that scripts on a host without the project's packages can use it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import pickle
-import zipfile
-from collections.abc import Mapping
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from stoic_ct.errors import ModelFileError
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 CONTAINER_MODEL_DIR = Path("/opt/ml/model")
 REPOSITORY_MODEL_DIR = REPOSITORY_ROOT / "model"
-# Written beside randomly initialised weights, so that no one mistakes them for the real ones.
+# Written beside randomly initialised weights, so that no one mistakes them for the real ones;
+# its line starting with RECIPE_PREFIX says how they were made.
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
+RECIPE_PREFIX = "recipe: "
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,20 @@ class ModelFiles:
         return self.path(HEADS)
 
     @property
+    def random_recipe(self) -> str | None:
+        """How the random weights here were made; None for real ones (or an old marker)."""
+        try:
+            text = (self.directory / RANDOM_WEIGHTS_MARKER).read_text(encoding="utf-8")
+        except OSError:
+            return None
+        recipes = [
+            line.removeprefix(RECIPE_PREFIX)
+            for line in text.splitlines()
+            if line.startswith(RECIPE_PREFIX)
+        ]
+        return recipes[0] if recipes else None
+
+    @property
     def are_random(self) -> bool:
         """True when the directory holds randomly initialised weights (a setup check only)."""
         try:
@@ -127,96 +142,47 @@ def problem(spec: ModelFileSpec, what: str) -> str:
     return f"{what}; expected {spec.description}, published at {spec.url}"
 
 
-def load_state_dict(
-    path: Path, spec: ModelFileSpec, *, key: str | None = None
-) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors, memory-mapped (read from disk only when used).
+MANIFEST = "MANIFEST"
+READABLE = 0o644  # mkstemp makes files private; these are read by other users and the platform
 
-    Args:
-        key: the entry holding the state dict when the file wraps it, e.g. "state_dict";
-            a file without that entry is taken as the state dict itself.
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, str]:
+    """File name -> sha256 from `directory/MANIFEST` (sha256sum format); {} when absent.
 
     Raises:
-        ModelFileError: when the file is not a PyTorch checkpoint of tensors.
+        ModelFileError: when a line is not "<64 hex digits>  <name>".
     """
-    try:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            # A checkpoint in PyTorch's legacy (pre-1.6) format cannot be memory-mapped.
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        EOFError,
-        ValueError,
-    ) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelFileError(problem(spec, f"cannot be loaded ({reason[:200]})"), path) from None
-    if key is not None and isinstance(loaded, Mapping) and key in loaded:
-        loaded = loaded[key]
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in loaded.values()
-    ):
-        raise ModelFileError(problem(spec, "does not hold a state dict of tensors"), path)
-    return dict(loaded)
+    path = directory / MANIFEST
+    if not path.exists():
+        return {}
+    digests = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name:
+            raise ModelFileError(f"line {number} is not '<sha256>  <file name>': {line!r}", path)
+        digests[name.strip()] = digest
+    return digests
 
 
-def check_shapes(
-    state_dict: Mapping[str, torch.Tensor],
-    expected: Mapping[str, tuple[int, ...]],
-    path: Path,
-    spec: ModelFileSpec,
-    *,
-    allow_unexpected: bool = True,
-) -> None:
-    """Raise ModelFileError listing missing, wrongly shaped and (optionally) unexpected tensors."""
-    details = []
-    missing = [k for k in expected if k not in state_dict]
-    if missing:
-        details.append(f"{len(missing)} missing tensors ({_some(missing)})")
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} instead of {shape}"
-        for k, shape in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != shape
-    ]
-    if wrong:
-        details.append(f"wrong shapes ({_some(wrong)})")
-    unexpected = [k for k in state_dict if k not in expected]
-    if unexpected and not allow_unexpected:
-        details.append(f"{len(unexpected)} unexpected tensors ({_some(unexpected)})")
-    if details:
-        message = "does not match the architecture: " + ", ".join(details)
-        raise ModelFileError(problem(spec, message), path)
-
-
-def _some(items: list[str], shown: int = 4) -> str:
-    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
-
-
-def check_r231_weights(path: Path) -> None:
-    """Check that `path` holds lungmask's R231 U-Net weights (keys and shapes).
-
-    lungmask loads the file strictly, so unexpected tensors are an error too; batch-norm
-    counters, which old checkpoints lack and PyTorch fills in, are not required.
-    """
-    from lungmask.resunet import UNet
-
-    with torch.device("meta"):
-        reference = UNet(
-            n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False
-        )
-    expected = {
-        k: tuple(v.shape)
-        for k, v in reference.state_dict().items()
-        if not k.endswith("num_batches_tracked")
-    }
-    state_dict = {
-        k: v
-        for k, v in load_state_dict(path, R231).items()
-        if not k.endswith("num_batches_tracked")
-    }
-    check_shapes(state_dict, expected, path, R231, allow_unexpected=False)
+def write_manifest(directory: Path, digests: dict[str, str]) -> Path:
+    """Write `directory/MANIFEST` atomically, in the order of ALL_FILES, then any others."""
+    order = [spec.name for spec in ALL_FILES if spec.name in digests]
+    order += sorted(name for name in digests if name not in order)
+    text = "".join(f"{digests[name]}  {name}\n" for name in order)
+    handle, staging = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST}.", suffix=".tmp")
+    os.fchmod(handle, READABLE)
+    with os.fdopen(handle, "w", encoding="utf-8") as f:
+        f.write(text)
+    Path(staging).replace(directory / MANIFEST)
+    return directory / MANIFEST

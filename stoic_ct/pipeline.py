@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stoic_ct.checkpoints import check_r231_weights
 from stoic_ct.cropping import (
     InPlaneCrop,
     clean_lung_mask,
@@ -27,7 +28,15 @@ from stoic_ct.encoders import SliceEncoder
 from stoic_ct.errors import ModelFileError, StoicError
 from stoic_ct.heads import LogisticHeads, Probabilities
 from stoic_ct.lung_segmentation import LungSegmenter, R231Segmenter, labels_from_mask_image
-from stoic_ct.model_files import HEADS, VIT_CT, VIT_IMAGENET, ModelFiles, problem
+from stoic_ct.model_files import (
+    HEADS,
+    R231,
+    VIT_CT,
+    VIT_IMAGENET,
+    ModelFiles,
+    ModelFileSpec,
+    problem,
+)
 from stoic_ct.resampling import resample
 from stoic_ct.vit import load_vit
 from stoic_ct.volume import Volume
@@ -93,6 +102,20 @@ class Result:
     features: dict[str, np.ndarray]
     slices: SliceStack
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def check_model_file(spec: ModelFileSpec, path: Path) -> None:
+    """Raise ModelFileError unless `path` loads as the published `spec` file (keys, shapes)."""
+    if spec == VIT_CT:
+        load_vit(path, VIT_CT, FULL_ENCODER_BLOCKS)
+    elif spec == VIT_IMAGENET:
+        load_vit(path, VIT_IMAGENET, LUNG_ENCODER_BLOCKS)
+    elif spec == R231:
+        check_r231_weights(path)
+    elif spec == HEADS:
+        LogisticHeads.load(path)
+    else:
+        raise ValueError(f"no check for {spec.name}")
 
 
 def resolve_device(name: str) -> torch.device:

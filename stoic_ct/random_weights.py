@@ -15,13 +15,22 @@ import numpy as np
 import torch
 
 from stoic_ct.heads import ENCODERS, EXTRA_SEVERE_FEATURES, TASKS
-from stoic_ct.model_files import HEADS, R231, RANDOM_WEIGHTS_MARKER, VIT_CT, VIT_IMAGENET
+from stoic_ct.model_files import (
+    HEADS,
+    R231,
+    RANDOM_WEIGHTS_MARKER,
+    RECIPE_PREFIX,
+    VIT_CT,
+    VIT_IMAGENET,
+    sha256_of,
+)
 from stoic_ct.vit import VIT_LARGE, VisionTransformer, ViTConfig
 
 # Input projections (qkv, fc1) larger than iBOT's training init (0.02), so that attention
 # is sharp and the CLS token depends clearly on the image; output projections (attn.proj,
 # mlp.fc2) small, so that the residual stream, and with it the feature, stays near the
 # scale the published heads expect (features of rms ~0.4, logits of a few units).
+RECIPE_VERSION = 1  # bump when the generator's output changes
 INPUT_STD = 0.05
 OUTPUT_STD = 0.001
 TOKEN_STD = 0.02
@@ -109,10 +118,16 @@ def write_random_model_dir(
     torch.save(random_r231_state_dict(seed=seed), dest / R231.name)
     if heads is not None:
         shutil.copyfile(heads, dest / HEADS.name)
+        heads_origin = f"heads sha256 {sha256_of(dest / HEADS.name)}"
     else:
         np.savez(dest / HEADS.name, allow_pickle=False, **random_heads(config.embed_dim, seed=seed))
+        heads_origin = f"random heads seed {seed}"
+    # torch.save's bytes differ from run to run, so the files are identified by how they
+    # were made: the recipe line keys the expected outputs of the shipped test case.
     (dest / RANDOM_WEIGHTS_MARKER).write_text(
         "The model files in this folder are randomly initialised, in the published layouts.\n"
         "They check a setup; their probabilities mean nothing.\n"
+        f"{RECIPE_PREFIX}stoic_ct.random_weights v{RECIPE_VERSION}; seed {seed}; {config}; "
+        f"{heads_origin}\n"
     )
     return dest

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stoic_ct.checkpoints import check_shapes, load_state_dict
 from stoic_ct.errors import ModelFileError
-from stoic_ct.model_files import ModelFileSpec, check_shapes, load_state_dict, problem
+from stoic_ct.model_files import ModelFileSpec, problem
 
 LAYER_NORM_EPS = 1e-6
 HEAD_DIM = 64  # iBOT and timm ViTs: ViT-S 384/6, ViT-B 768/12, ViT-L 1024/16

@@ -104,3 +104,14 @@ def unprivileged(command: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return command
     return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *command]
+
+
+def contained(command: list[str]) -> list[str]:
+    """`command` as the container runs it: a non-root user and no network.
+
+    The command gets a network namespace of its own (only a loopback that is down); as
+    root it then drops to `nobody`, else it keeps the current, unprivileged user.
+    """
+    if os.geteuid() == 0:
+        return ["unshare", "--net", *unprivileged(command)]
+    return ["unshare", "--net", "--map-current-user", *command]

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import unprivileged
 from stoic_ct.errors import ModelFileError
 from stoic_ct.model_files import (
     ALL_FILES,
+    MANIFEST,
     REPOSITORY_MODEL_DIR,
-    VIT_CT,
     ModelFiles,
     default_model_dir,
-    load_state_dict,
+    read_manifest,
+    sha256_of,
+    write_manifest,
 )
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -74,23 +76,21 @@ def test_unreadable_file(shared_tmp: Path) -> None:
     assert f"ModelFileError: {path}: is not readable by this user" in done.stderr
 
 
-def test_legacy_checkpoint_format_loads(tmp_path: Path) -> None:
-    """Checkpoints from before PyTorch 1.6 cannot be memory-mapped; they still load."""
-    path = tmp_path / "old.pth"
-    torch.save({"w": torch.arange(4.0)}, path, _use_new_zipfile_serialization=False)
-    state = load_state_dict(path, VIT_CT)
-    torch.testing.assert_close(state["w"], torch.arange(4.0))
+def test_manifest_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "balaitous.npz").write_bytes(b"heads")
+    digests = {"balaitous.npz": sha256_of(tmp_path / "balaitous.npz"), "vitl_16_ct.pth": "0" * 64}
+    write_manifest(tmp_path, digests)
+    text = (tmp_path / MANIFEST).read_text()
+    # sha256sum's format, the published order: `sha256sum -c MANIFEST` can check it.
+    assert text.splitlines() == [
+        f"{'0' * 64}  vitl_16_ct.pth",
+        f"{digests['balaitous.npz']}  balaitous.npz",
+    ]
+    assert read_manifest(tmp_path) == digests
+    assert digests["balaitous.npz"] == hashlib.sha256(b"heads").hexdigest()
 
 
-def test_pickled_objects_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "vitl_16_ct.pth"
-    torch.save({"model": torch.nn.Linear(2, 2)}, path)
-    with pytest.raises(ModelFileError, match="cannot be loaded"):
-        load_state_dict(path, VIT_CT)
-
-
-def test_a_list_is_not_a_state_dict(tmp_path: Path) -> None:
-    path = tmp_path / "vitl_16_ct.pth"
-    torch.save([torch.zeros(2)], path)
-    with pytest.raises(ModelFileError, match="does not hold a state dict of tensors"):
-        load_state_dict(path, VIT_CT)
+def test_malformed_manifest(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST).write_text("not a digest  vitl_16_ct.pth\n")
+    with pytest.raises(ModelFileError, match="MANIFEST: line 1 is not"):
+        read_manifest(tmp_path)

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+from fileserver import Route, serving
 
 import process
-from helpers import SMALL_PHANTOM, unprivileged, write_case, write_image
+from helpers import SMALL_PHANTOM, contained, write_case, write_image
 from stoic_ct.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for
 from stoic_ct.imageio import read_scan
 from stoic_ct.phantom import PhantomSpec
@@ -34,25 +36,38 @@ def shared_model_dir(tiny_model_dir: Path, shared_tmp: Path) -> Path:
     return model_dir
 
 
-def run_process(*args: str | Path, as_user: bool = False) -> subprocess.CompletedProcess[str]:
+def run_process(
+    *args: str | Path, as_user: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, str(REPOSITORY / "process.py"), *map(str, args), "--device", "cpu"]
     return subprocess.run(
-        unprivileged(command) if as_user else command,
+        contained(command) if as_user else command,
         cwd="/",
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "HOME": "/nonexistent"},
+        env={**os.environ, "HOME": "/nonexistent", **(env or {})},
     )
 
 
 def run_as_container(
-    input_dir: Path, output: Path, model_dir: Path
+    input_dir: Path, output: Path, model_dir: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """process.py as the container runs it: a non-root user, the three folders given."""
+    """process.py as the container runs it: no network, a non-root user, the folders given."""
     return run_process(
-        "--input", input_dir, "--output", output, "--model-dir", model_dir, as_user=True
+        "--input", input_dir, "--output", output, "--model-dir", model_dir, as_user=True, env=env
     )
+
+
+def written_since(marker: Path, roots: list[Path], allowed: list[Path]) -> list[str]:
+    """Files under `roots` changed after `marker` by the container's user, outside `allowed`."""
+    command = ["find", *map(str, roots), "-xdev", "-newer", str(marker)]
+    if os.geteuid() == 0:
+        command += ["-user", "nobody"]
+    for folder in allowed:
+        command += ["-not", "-path", f"{folder}*"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return [line for line in done.stdout.splitlines() if line]
 
 
 def outputs(folder: Path) -> dict[str, float]:
@@ -64,23 +79,65 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_container_run(shared_model_dir: Path, shared_tmp: Path) -> None:
-    """process.py in a subprocess, as a non-root user, with a read-only input folder."""
+    """process.py in a subprocess as the container runs it: no network, a non-root user,
+    a read-only input folder. Its outputs are the model's, and it writes nothing but them
+    (and temporary files in TMPDIR)."""
     image = write_case(shared_tmp / "input", THIN_PHANTOM)
     (shared_tmp / "input" / "patient-age.json").write_text("45")
     for path in (shared_tmp / "input").rglob("*"):
         path.chmod(0o555 if path.is_dir() else 0o444)
     (shared_tmp / "input").chmod(0o555)
-    output = shared_tmp / "output"
-    output.mkdir(mode=0o777)
-    output.chmod(0o777)
+    output, scratch = shared_tmp / "output", shared_tmp / "tmp"
+    for folder in (output, scratch):
+        folder.mkdir()
+        folder.chmod(0o777)
+    marker = shared_tmp / "started"
+    marker.touch()
 
-    done = run_as_container(shared_tmp / "input", output, shared_model_dir)
+    done = run_as_container(
+        shared_tmp / "input", output, shared_model_dir, env={"TMPDIR": str(scratch)}
+    )
     assert done.returncode == 0, done.stderr
-    result = outputs(output)
-    assert set(result) == {COVID_OUTPUT, SEVERE_OUTPUT}
-    assert all(isinstance(v, float) and 0 <= v <= 1 for v in result.values())
     assert "age 45 (" in done.stderr and "patient-age.json)" in done.stderr
     assert str(image) in done.stderr
+
+    scan = read_scan(image)
+    model = Balaitous.from_model_dir(shared_model_dir, torch.device("cpu"))
+    expected = model.predict(scan.volume, demographics_for(scan, shared_tmp / "input"))
+    assert outputs(output) == {
+        COVID_OUTPUT: expected.probabilities.covid,
+        SEVERE_OUTPUT: expected.probabilities.severe,
+    }
+    roots = [Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), REPOSITORY, shared_tmp]
+    assert written_since(marker, roots, allowed=[output, scratch]) == []
+
+
+def test_the_write_check_sees_stray_files(shared_tmp: Path) -> None:
+    marker = shared_tmp / "started"
+    marker.touch()
+    (shared_tmp / "open").mkdir()
+    (shared_tmp / "open").chmod(0o777)
+    stray = shared_tmp / "open" / "stray.txt"
+    script = f"open({str(stray)!r}, 'w').write('x')"
+    subprocess.run(contained([sys.executable, "-c", script]), check=True, timeout=30)
+    assert written_since(marker, [shared_tmp], allowed=[]) == [str(stray)]
+
+
+def test_the_container_process_has_no_network() -> None:
+    """What run_as_container does to a process: the host's loopback server is out of reach."""
+    probe = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 2)"
+    with serving() as server:
+        server.routes["/"] = Route(b"hello")
+        reachable = subprocess.run([sys.executable, "-c", probe, str(server.port)], timeout=30)
+        isolated = subprocess.run(
+            contained([sys.executable, "-c", probe, str(server.port)]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert reachable.returncode == 0
+    assert isolated.returncode != 0
+    assert "Network is unreachable" in isolated.stderr or "refused" in isolated.stderr
 
 
 def test_algorithm_with_lungs(tiny_model: Balaitous, tmp_path: Path) -> None:

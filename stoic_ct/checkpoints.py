@@ -1,0 +1,108 @@
+"""Loading PyTorch checkpoints of the model files, with errors that say what is wrong."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from stoic_ct.errors import ModelFileError
+from stoic_ct.model_files import R231, ModelFileSpec, problem
+
+
+def load_state_dict(
+    path: Path, spec: ModelFileSpec, *, key: str | None = None
+) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, memory-mapped (read from disk only when used).
+
+    Args:
+        key: the entry holding the state dict when the file wraps it, e.g. "state_dict";
+            a file without that entry is taken as the state dict itself.
+
+    Raises:
+        ModelFileError: when the file is not a PyTorch checkpoint of tensors.
+    """
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # A checkpoint in PyTorch's legacy (pre-1.6) format cannot be memory-mapped.
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        EOFError,
+        ValueError,
+    ) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFileError(problem(spec, f"cannot be loaded ({reason[:200]})"), path) from None
+    if key is not None and isinstance(loaded, Mapping) and key in loaded:
+        loaded = loaded[key]
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        raise ModelFileError(problem(spec, "does not hold a state dict of tensors"), path)
+    return dict(loaded)
+
+
+def check_shapes(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    path: Path,
+    spec: ModelFileSpec,
+    *,
+    allow_unexpected: bool = True,
+) -> None:
+    """Raise ModelFileError listing missing, wrongly shaped and (optionally) unexpected tensors."""
+    details = []
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        details.append(f"{len(missing)} missing tensors ({_some(missing)})")
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} instead of {shape}"
+        for k, shape in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != shape
+    ]
+    if wrong:
+        details.append(f"wrong shapes ({_some(wrong)})")
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected and not allow_unexpected:
+        details.append(f"{len(unexpected)} unexpected tensors ({_some(unexpected)})")
+    if details:
+        message = "does not match the architecture: " + ", ".join(details)
+        raise ModelFileError(problem(spec, message), path)
+
+
+def _some(items: list[str], shown: int = 4) -> str:
+    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
+
+
+def check_r231_weights(path: Path) -> None:
+    """Check that `path` holds lungmask's R231 U-Net weights (keys and shapes).
+
+    lungmask loads the file strictly, so unexpected tensors are an error too; batch-norm
+    counters, which old checkpoints lack and PyTorch fills in, are not required.
+    """
+    from lungmask.resunet import UNet
+
+    with torch.device("meta"):
+        reference = UNet(
+            n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False
+        )
+    expected = {
+        k: tuple(v.shape)
+        for k, v in reference.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    state_dict = {
+        k: v
+        for k, v in load_state_dict(path, R231).items()
+        if not k.endswith("num_batches_tracked")
+    }
+    check_shapes(state_dict, expected, path, R231, allow_unexpected=False)

@@ -1,0 +1,101 @@
+"""What can be checked of the image without a Docker engine: its build context and its recipe."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import subprocess
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+DOCKERFILE = (REPOSITORY / "Dockerfile").read_text()
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """A .dockerignore pattern covers the path or a folder above it; "**/" is any depth."""
+    parts = path.split("/")
+    if pattern.startswith("**/"):
+        spans = (
+            "/".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)
+        )
+        return any(fnmatch.fnmatchcase(span, pattern[3:]) for span in spans)
+    return any(fnmatch.fnmatchcase("/".join(parts[: i + 1]), pattern) for i in range(len(parts)))
+
+
+def _ignored(path: str, rules: list[tuple[bool, str]]) -> bool:
+    """Docker's rule: the last line that matches decides; "!" lines put paths back."""
+    ignored = False
+    for negated, pattern in rules:
+        if _matches(path, pattern):
+            ignored = not negated
+    return ignored
+
+
+def build_context(files: list[str]) -> set[str]:
+    lines = (REPOSITORY / ".dockerignore").read_text().splitlines()
+    rules = [
+        (line.startswith("!"), line.lstrip("!").strip().rstrip("/"))
+        for line in lines
+        if line.strip() and not line.startswith("#")
+    ]
+    return {f for f in files if not _ignored(f, rules)}
+
+
+def test_build_context_holds_the_code_and_model_files_only() -> None:
+    candidates = [
+        "process.py",
+        "requirements.txt",
+        "stoic_ct/pipeline.py",
+        "stoic_ct/__init__.py",
+        "model/README.md",
+        "model/vitl_16_ct.pth",
+        "model/MANIFEST",
+        "model/.vitl_16_ct.pth.part",
+        "stoic_ct/__pycache__/pipeline.cpython-311.pyc",
+        "test/input/images/ct/phantom.mha",
+        "test/test_process.py",
+        ".git/HEAD",
+        ".venv/bin/python",
+        "README.md",
+        "Dockerfile",
+        ".cache/random-model/vitl_16_ct.pth",
+    ]
+    assert build_context(candidates) == {
+        "process.py",
+        "requirements.txt",
+        "stoic_ct/pipeline.py",
+        "stoic_ct/__init__.py",
+        "model/README.md",
+        "model/vitl_16_ct.pth",
+        "model/MANIFEST",
+    }
+
+
+def test_every_copied_path_is_in_the_context() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPOSITORY, capture_output=True, text=True, check=True
+    ).stdout.split()
+    context = build_context(tracked)
+    for source in re.findall(r"^COPY (?:--chown=\S+ )?(\S+) ", DOCKERFILE, flags=re.MULTILINE):
+        assert any(f == source or f.startswith(source) for f in context), source
+
+
+def test_recipe() -> None:
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", DOCKERFILE, flags=re.MULTILINE)
+    assert base is not None and base.group(1).startswith("pytorch/pytorch:2.13.0-cuda")
+    torch_pin = re.search(
+        r"^torch==(\S+)$", (REPOSITORY / "requirements.txt").read_text(), flags=re.MULTILINE
+    )
+    assert torch_pin is not None and torch_pin.group(1) == "2.13.0"
+    assert "assert sys.version_info >= (3, 11)" in DOCKERFILE
+    assert re.search(r"^ENV PYTHONUNBUFFERED=1", DOCKERFILE, flags=re.MULTILINE)
+    users = re.findall(r"^USER (\S+)$", DOCKERFILE, flags=re.MULTILINE)
+    assert users and users[-1] not in ("root", "0", "0:0")
+    assert DOCKERFILE.rstrip().endswith('ENTRYPOINT ["python", "-m", "process"]')
+    # Every requirement is pinned to one version.
+    requirements = [
+        line
+        for line in (REPOSITORY / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][^ ]*", r) for r in requirements), requirements
