@@ -66,8 +66,8 @@ def make_phantom(spec: PhantomSpec) -> Volume:
     for k in range(nz):
         index = np.stack([ii, jj, np.full_like(ii, k)], axis=-1) * spacing
         p = origin + index @ direction.T - centre  # (ny, nx, 3) mm from the centre, LPS
-        voxels[k] = _draw_slice(p, body, half, lesions)
-    voxels += rng.normal(0.0, spec.noise_hu, voxels.shape).astype(np.float32)
+        # Noise slice by slice: the same stream as one volume-sized draw, in less memory.
+        voxels[k] = _draw_slice(p, body, half, lesions) + rng.normal(0.0, spec.noise_hu, (ny, nx))
     if np.issubdtype(spec.dtype, np.integer):
         voxels = np.round(voxels)
     return Volume(voxels.astype(spec.dtype), spec.spacing, spec.origin, spec.direction)
@@ -114,7 +114,10 @@ def _draw_slice(
         lung_any |= r <= 1.0
     lung_any &= inside <= 0.7  # ribs and muscle all round
     out[lung_any] = LUNG
+    z_low, z_high = float(z.min()), float(z.max())
     for centre, radius, hu in lesions:
+        if centre[2] + radius < z_low or centre[2] - radius > z_high:
+            continue  # the sphere does not reach this slice
         out[lung_any & (((p - centre) ** 2).sum(axis=-1) <= radius**2)] = hu
     heart = np.array([0.12 * body[0], -0.35 * body[1], -0.25 * half[2]])
     heart_semi = np.array([0.3 * body[0], 0.35 * body[1], 0.3 * half[2]])
