@@ -14,6 +14,7 @@ import argparse
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,24 @@ logger = logging.getLogger("stoic_ct.process")
 class StoicAlgorithm(Algorithm):  # type: ignore[misc]
     """evalutils' load -> validate -> process_cases -> save, around the Balaïtous model."""
 
-    def __init__(self, *, input_dir: Path, output_dir: Path, model: Balaitous) -> None:
+    def __init__(
+        self, *, input_dir: Path, output_dir: Path, model: Balaitous | Future[Balaitous]
+    ) -> None:
+        """`model` may still be loading (a Future): the image is read meanwhile."""
         super().__init__(
             input_path=input_dir / IMAGE_SUBDIR,
             output_path=output_dir,
             validators={},
         )
-        self.input_dir, self.output_dir, self.model = input_dir, output_dir, model
+        self.input_dir, self.output_dir, self._model = input_dir, output_dir, model
         self.scans: dict[int, Scan] = {}
+
+    @property
+    def model(self) -> Balaitous:
+        """The loaded model, waiting for it if it is still loading."""
+        if isinstance(self._model, Future):
+            self._model = self._model.result()
+        return self._model
 
     def process(self) -> None:
         """Check the output folder first, so that a bad one fails before any work."""
@@ -123,15 +134,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         model_dir = args.model_dir or default_model_dir()
-        model = Balaitous.from_model_dir(model_dir, device)
-        logger.info(
-            "models loaded from %s on %s (torch %s) in %.1f s",
-            model_dir,
-            device,
-            torch.__version__,
-            time.perf_counter() - started,
-        )
-        StoicAlgorithm(input_dir=args.input, output_dir=args.output, model=model).process()
+
+        def load() -> Balaitous:
+            model = Balaitous.from_model_dir(model_dir, device, precision=args.precision)
+            logger.info(
+                "models loaded from %s on %s (torch %s, %s precision) in %.1f s",
+                model_dir,
+                device,
+                torch.__version__,
+                args.precision,
+                time.perf_counter() - started,
+            )
+            return model
+
+        # The models load while the image is read: both take seconds, mostly outside the GIL.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+            loading = pool.submit(load)
+            StoicAlgorithm(input_dir=args.input, output_dir=args.output, model=loading).process()
     except StoicError as error:
         logger.error("%s", error)
         return 1

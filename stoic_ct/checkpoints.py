@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -106,3 +108,47 @@ def check_r231_weights(path: Path) -> None:
         if not k.endswith("num_batches_tracked")
     }
     check_shapes(state_dict, expected, path, R231, allow_unexpected=False)
+
+
+def release_file_pages(tensors: Iterable[torch.Tensor], path: Path) -> int:
+    """Drop the resident pages of tensors memory-mapped from `path`; returns the bytes released.
+
+    The pages stay in the page cache and come back on the next use, at the cost of page
+    faults; meanwhile they no longer count in the process's memory. Only ranges inside a
+    mapping of `path` are touched (on anonymous memory this would zero the tensors), so
+    tensors loaded without mmap, or elsewhere than on Linux, are left alone.
+    """
+    mapped = _mappings_of(path)
+    if not mapped:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    released = 0
+    for tensor in tensors:
+        start = tensor.untyped_storage().data_ptr()
+        end = start + tensor.untyped_storage().nbytes()
+        first, last = -(-start // page) * page, end // page * page  # whole pages inside
+        if last <= first or not any(low <= first and last <= high for low, high in mapped):
+            continue
+        if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0:
+            released += last - first
+    return released
+
+
+_MADV_DONTNEED = 4
+
+
+def _mappings_of(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of `path` (empty where /proc is missing)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    target = str(path.resolve())
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            low, high = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges

@@ -8,12 +8,14 @@ vertically flipped slices.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from stoic_ct.checkpoints import release_file_pages
+from stoic_ct.precision import check_precision, int8_linear, numerics
 from stoic_ct.vit import VisionTransformer
 
 HU_WINDOW = (-1024.0, 600.0)
@@ -33,40 +35,35 @@ def to_model_input(
     return (scaled.unsqueeze(1) - mean) / std
 
 
-@contextlib.contextmanager
-def exact_float32() -> Iterator[None]:
-    """Full float32 precision on a GPU: no TF32 in convolutions or matrix products.
-
-    PyTorch lets cuDNN convolutions use TF32 by default on Ampere and later GPUs, which
-    moves features by ~1e-3; the exact mode must give the CPU's numbers.
-    """
-    previous = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = previous[0]
-        torch.set_float32_matmul_precision(previous[1])
-
-
 class SliceEncoder:
-    """A frozen ViT on a device, turning a slice stack into one flip-averaged feature."""
+    """A frozen ViT on a device, turning a slice stack into one flip-averaged feature.
+
+    On a CPU the weights stay memory-mapped from `weights`, and their pages are released
+    after every call: the two ViT-L encoders then never hold memory at the same time.
+    """
 
     def __init__(
-        self, model: VisionTransformer, device: torch.device, batch_size: int | None = None
+        self,
+        model: VisionTransformer,
+        device: torch.device,
+        batch_size: int | None = None,
+        precision: str = "exact",
+        weights: Path | None = None,
     ) -> None:
-        self.model = model.to(device)
-        self.device = device
-        self.batch_size = batch_size or (64 if device.type == "cuda" else 16)
-
-    @property
-    def dim(self) -> int:
-        """Length of the feature vector."""
-        return self.model.config.embed_dim
+        self.dim = model.config.embed_dim
+        self.device, self.precision = device, check_precision(precision)
+        # 16 slices and their flips: a CPU's throughput is flat beyond; on a GPU, 32 keep the
+        # activations near 2 GB (float32), so that the exact mode fits a 16 GB T4.
+        self.batch_size = batch_size or (32 if device.type == "cuda" else 16)
+        self.weights = weights if device.type == "cpu" else None
+        self._mapped = list(model.state_dict().values()) if self.weights else []
+        if device.type == "cpu" and precision == "fast":
+            self.model: nn.Module = int8_linear(model)
+            self._release()
+        else:
+            self.model = model.to(device)
 
     @torch.inference_mode()
-    @exact_float32()
     def __call__(self, slices: np.ndarray) -> np.ndarray:
         """(H, W, Z) HU, Z >= 1 -> (D,) float64 feature.
 
@@ -76,11 +73,17 @@ class SliceEncoder:
         if slices.ndim != 3 or slices.shape[2] == 0:
             raise ValueError(f"expected (H, W, Z) slices with Z >= 1, not shape {slices.shape}")
         total = torch.zeros(2, self.dim, dtype=torch.float64, device=self.device)
-        for start in range(0, slices.shape[2], self.batch_size):
-            batch = to_model_input(slices[..., start : start + self.batch_size], self.device)
-            both = torch.cat((batch, batch.flip(2)))
-            cls = self.model(both).to(torch.float64).view(2, len(batch), self.dim)
-            total += cls.sum(dim=1)
+        with numerics(self.device, self.precision):
+            for start in range(0, slices.shape[2], self.batch_size):
+                batch = to_model_input(slices[..., start : start + self.batch_size], self.device)
+                both = torch.cat((batch, batch.flip(2)))
+                cls = self.model(both).to(torch.float64).view(2, len(batch), self.dim)
+                total += cls.sum(dim=1)
+        self._release()
         per_flip = total / slices.shape[2]
         feature: np.ndarray = per_flip.mean(dim=0).cpu().numpy()
         return feature
+
+    def _release(self) -> None:
+        if self.weights is not None:
+            release_file_pages(self._mapped, self.weights)

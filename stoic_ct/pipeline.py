@@ -150,13 +150,15 @@ class Balaitous:
         segmenter: LungSegmenter | None = None,
         with_segmenter: bool = True,
         batch_size: int | None = None,
+        precision: str = "exact",
     ) -> Balaitous:
         """Load every model from `model_dir` (never from the network).
 
         Args:
             segmenter: used instead of the R231 U-Net when given.
             with_segmenter: False to skip the U-Net, for runs that bring their own masks.
-            batch_size: slices per encoder batch (default: 64 on a GPU, 16 on a CPU).
+            batch_size: slices per encoder batch (default: 32 on a GPU, 16 on a CPU).
+            precision: "exact" (the published numbers) or "fast" (see stoic_ct.precision).
 
         Raises:
             ModelFileError: when a file is missing or malformed, or the files do not fit together.
@@ -169,23 +171,25 @@ class Balaitous:
                 model_dir,
             )
         heads = LogisticHeads.load(files.heads)
-        full = SliceEncoder(load_vit(files.vit_ct, VIT_CT, FULL_ENCODER_BLOCKS), device, batch_size)
-        lung = SliceEncoder(
-            load_vit(files.vit_imagenet, VIT_IMAGENET, LUNG_ENCODER_BLOCKS), device, batch_size
-        )
-        for encoder, spec in ((full, VIT_CT), (lung, VIT_IMAGENET)):
-            if encoder.dim != heads.feature_dim:
+        encoders = {}
+        for name, spec, path, blocks in (
+            ("full", VIT_CT, files.vit_ct, FULL_ENCODER_BLOCKS),
+            ("lung", VIT_IMAGENET, files.vit_imagenet, LUNG_ENCODER_BLOCKS),
+        ):
+            vit = load_vit(path, spec, blocks)
+            if vit.config.embed_dim != heads.feature_dim:
                 raise ModelFileError(
                     problem(
                         HEADS,
                         f"its heads take {heads.feature_dim} features but {spec.name} gives "
-                        f"{encoder.dim}: the files do not belong together",
+                        f"{vit.config.embed_dim}: the files do not belong together",
                     ),
                     files.heads,
                 )
+            encoders[name] = SliceEncoder(vit, device, batch_size, precision, weights=path)
         if segmenter is None and with_segmenter:
-            segmenter = R231Segmenter(files.r231, device)
-        return cls(full, lung, heads, segmenter)
+            segmenter = R231Segmenter(files.r231, device, precision=precision)
+        return cls(encoders["full"], encoders["lung"], heads, segmenter)
 
     def predict(
         self, volume: Volume, demographics: Demographics, lung_labels: Volume | None = None

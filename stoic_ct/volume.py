@@ -7,7 +7,7 @@ conversion happens here and nowhere else: every other module sees a `Volume` who
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,6 +30,9 @@ class Volume:
     spacing: Vector3
     origin: Vector3
     direction: tuple[float, ...]
+    # The SimpleITK image the voxels are a read-only view of, when there is one: it is
+    # handed back by to_sitk, so that no stage copies a volume in and out of SimpleITK.
+    image: sitk.Image | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.voxels.ndim != 3:
@@ -51,16 +54,19 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> Volume:
-        """Copy a 3D scalar SimpleITK image into a Volume."""
+        """A Volume over a 3D scalar SimpleITK image: its voxels a read-only view, no copy."""
         return cls(
-            voxels=sitk.GetArrayFromImage(image),
+            voxels=sitk.GetArrayViewFromImage(image),
             spacing=_vector3(image.GetSpacing()),
             origin=_vector3(image.GetOrigin()),
             direction=tuple(float(c) for c in image.GetDirection()),
+            image=image,
         )
 
     def to_sitk(self) -> sitk.Image:
         """A SimpleITK image with these voxels (same pixel type) and geometry."""
+        if self.image is not None:
+            return self.image
         image = sitk.GetImageFromArray(self.voxels)
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_VIT, install_compose_for_balaitous, threshold_segmenter
+from bench.published import install_compose_for_balaitous
+from helpers import TINY_VIT
+from stoic_ct.lung_segmentation import threshold_lungs
 from stoic_ct.pipeline import Balaitous
 from stoic_ct.random_weights import write_random_model_dir
 
@@ -28,9 +30,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path) -> Balaitous:
     """Balaitous with tiny encoders and the threshold segmenter, on the CPU."""
-    return Balaitous.from_model_dir(
-        tiny_model_dir, torch.device("cpu"), segmenter=threshold_segmenter
-    )
+    return Balaitous.from_model_dir(tiny_model_dir, torch.device("cpu"), segmenter=threshold_lungs)
 
 
 @pytest.fixture(autouse=True)

@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-import types
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from stoic_ct.phantom import PhantomSpec, make_phantom, write_phantom
 from stoic_ct.vit import ViTConfig
-from stoic_ct.volume import Volume
 
 # 24 blocks so that both encoders can be built from it; 64 channels keep it fast on a CPU.
 TINY_VIT = ViTConfig(embed_dim=64, depth=24, num_heads=1, mlp_hidden=128)
 
 # Small phantoms that still span the 224 crop on one axis and pad the other.
 SMALL_PHANTOM = PhantomSpec(size=(96, 80, 16), spacing=(3.6, 3.0, 6.0), origin=(-170, -120, -48))
-
-
-def threshold_segmenter(volume: Volume) -> np.ndarray:
-    """Lung labels by thresholding: air (< -500 HU) enclosed by the body in each axial slice.
-
-    Label 1 in the half of the columns with smaller x index, 2 in the other half. The
-    trachea is labelled too, so the published mask cleaning has something to remove.
-    Deterministic and fast: the stand-in for the U-Net in differential tests.
-    """
-    voxels = volume.voxels
-    labels = np.zeros(voxels.shape, dtype=np.uint8)
-    for k in range(voxels.shape[0]):
-        body = ndimage.binary_fill_holes(voxels[k] > -500)
-        labels[k][body & (voxels[k] < -500)] = 1
-    half = voxels.shape[2] // 2
-    labels[..., half:][labels[..., half:] == 1] = 2
-    return labels
 
 
 def write_case(root: Path, spec: PhantomSpec = SMALL_PHANTOM, name: str = "1234.mha") -> Path:
@@ -63,42 +39,6 @@ def write_image(
     return path
 
 
-def published_heads_path() -> Path:
-    """balaitous.npz as installed by the balaitous 1.2 wheel (site-packages/assets/)."""
-    spec = importlib.util.find_spec("balaitous")
-    assert spec is not None and spec.origin is not None, "balaitous==1.2 is not installed"
-    path = Path(spec.origin).resolve().parents[1] / "assets" / "balaitous.npz"
-    assert path.is_file(), f"{path} is missing from the balaitous wheel"
-    return path
-
-
-def install_compose_for_balaitous() -> None:
-    """Let `balaitous` import without torchvision.
-
-    balaitous imports only `torchvision.transforms.Compose`, a left-to-right composition of
-    callables. torchvision's PyPI wheels link CUDA libraries and cannot import beside the
-    CPU-only torch of this project, so the harness supplies that one class.
-    """
-    if "torchvision.transforms" in sys.modules:
-        return
-
-    class Compose:
-        def __init__(self, transforms: list[Callable[[Any], Any]]) -> None:
-            self.transforms = transforms
-
-        def __call__(self, sample: Any) -> Any:
-            for transform in self.transforms:
-                sample = transform(sample)
-            return sample
-
-    torchvision = types.ModuleType("torchvision")
-    transforms = types.ModuleType("torchvision.transforms")
-    transforms.Compose = Compose  # type: ignore[attr-defined]
-    torchvision.transforms = transforms  # type: ignore[attr-defined]
-    sys.modules["torchvision"] = torchvision
-    sys.modules["torchvision.transforms"] = transforms
-
-
 def unprivileged(command: list[str]) -> list[str]:
     """`command` run as `nobody` when we are root, as the container's non-root user would."""
     if os.geteuid() != 0:
@@ -115,3 +55,28 @@ def contained(command: list[str]) -> list[str]:
     if os.geteuid() == 0:
         return ["unshare", "--net", *unprivileged(command)]
     return ["unshare", "--net", "--map-current-user", *command]
+
+
+def _smaps_of(path: Path) -> tuple[list[tuple[int, int]], int]:
+    """Address ranges of this process's mappings of `path`, and their resident bytes."""
+    ranges, resident, current = [], 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+            current = len(fields) >= 6 and fields[5] == str(path)
+            if current:
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                ranges.append((start, end))
+        elif current and fields[0] == "Rss:":
+            resident += int(fields[1]) * 1024
+    return ranges, resident
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `path`."""
+    return _smaps_of(path)[0]
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of this process's mappings of `path` that are in memory."""
+    return _smaps_of(path)[1]

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from helpers import SMALL_PHANTOM, threshold_segmenter, write_case
+from helpers import SMALL_PHANTOM, write_case
 from stoic_ct.cli import CSV_COLUMNS, main
 from stoic_ct.demographics import Demographics
 from stoic_ct.imageio import read_scan
+from stoic_ct.lung_segmentation import threshold_lungs
 from stoic_ct.phantom import PhantomSpec
 from stoic_ct.pipeline import Balaitous
 from stoic_ct.resampling import resample
@@ -20,7 +21,7 @@ from stoic_ct.resampling import resample
 def write_mask(image: Path, mask_path: Path) -> Path:
     """The threshold segmenter's labels for `image`, written on the working grid."""
     resampled = resample(read_scan(image).volume)
-    labels = resampled.with_voxels(threshold_segmenter(resampled))
+    labels = resampled.with_voxels(threshold_lungs(resampled))
     sitk.WriteImage(labels.to_sitk(), str(mask_path))
     return mask_path
 

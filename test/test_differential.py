@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import install_compose_for_balaitous, published_heads_path, threshold_segmenter
+from bench.published import published_environment, published_heads_path
 from stoic_ct.demographics import Demographics, Sex, resolve_demographics
 from stoic_ct.imageio import read_scan
-from stoic_ct.model_files import VIT_CT, VIT_IMAGENET
+from stoic_ct.lung_segmentation import threshold_lungs
+from stoic_ct.model_files import VIT_CT
 from stoic_ct.phantom import PhantomSpec, make_phantom, write_phantom
 from stoic_ct.pipeline import Balaitous
 from stoic_ct.random_weights import write_random_model_dir
@@ -96,21 +97,12 @@ def published_model(
     vitl_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """balaitous.Balaitous on the CPU, reading our weight files from its torch.hub cache."""
-    install_compose_for_balaitous()
-    import lungmask.mask
-
-    torch_home = tmp_path_factory.mktemp("torch-home")
-    checkpoints = torch_home / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    for spec in (VIT_CT, VIT_IMAGENET):
-        (checkpoints / spec.name).symlink_to(vitl_model_dir / spec.name)
 
     def threshold_apply(image: Any, force_cpu: bool = False) -> np.ndarray:
-        return threshold_segmenter(Volume.from_sitk(image))
+        return threshold_lungs(Volume.from_sitk(image))
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TORCH_HOME", str(torch_home))
-        patch.setattr(lungmask.mask, "apply", threshold_apply)
+    torch_home = tmp_path_factory.mktemp("torch-home")
+    with published_environment(vitl_model_dir, torch_home, lung_apply=threshold_apply):
         from balaitous import Balaitous as Published
 
         yield Published(device="cpu")
@@ -119,7 +111,7 @@ def published_model(
 @pytest.fixture(scope="module")
 def our_model(vitl_model_dir: Path) -> Balaitous:
     return Balaitous.from_model_dir(
-        vitl_model_dir, torch.device(OUR_DEVICE), segmenter=threshold_segmenter
+        vitl_model_dir, torch.device(OUR_DEVICE), segmenter=threshold_lungs
     )
 
 

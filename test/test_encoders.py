@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import install_compose_for_balaitous
+from bench.published import install_compose_for_balaitous
+from helpers import resident_bytes
 from stoic_ct.encoders import SliceEncoder, to_model_input
+from stoic_ct.model_files import VIT_CT
 from stoic_ct.random_weights import random_vit_state_dict
-from stoic_ct.vit import VisionTransformer, ViTConfig
+from stoic_ct.vit import VisionTransformer, ViTConfig, load_vit
 
 CONFIG = ViTConfig(embed_dim=128, depth=2, num_heads=2, mlp_hidden=256)
 CPU = torch.device("cpu")
@@ -110,3 +113,24 @@ def test_tf32_is_off_while_encoding_and_restored_after(ours: VisionTransformer) 
     finally:
         hook.remove()
         torch.set_float32_matmul_precision("highest")
+
+
+def test_fast_precision_is_close_to_exact(tmp_path: Path) -> None:
+    config = ViTConfig(embed_dim=128, depth=4, num_heads=2, mlp_hidden=512)
+    torch.save(random_vit_state_dict(config, seed=8), tmp_path / "vit.pth")
+    image = slices(6, depth=6)
+    exact = SliceEncoder(load_vit(tmp_path / "vit.pth", VIT_CT, 4), CPU)(image)
+    fast = SliceEncoder(load_vit(tmp_path / "vit.pth", VIT_CT, 4), CPU, precision="fast")(image)
+    error = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
+    assert 0 < error < 0.05
+
+
+def test_weights_leave_memory_after_each_call(tmp_path: Path) -> None:
+    """On a CPU the two ViT-L encoders never hold memory together: pages go after use."""
+    config = ViTConfig(embed_dim=256, depth=8, num_heads=4, mlp_hidden=1024)
+    path = tmp_path / "vit.pth"
+    torch.save(random_vit_state_dict(config, seed=9), path)
+    encoder = SliceEncoder(load_vit(path, VIT_CT, 8), CPU, weights=path)
+    first = encoder(slices(7, depth=2))
+    assert resident_bytes(path) < 0.1 * path.stat().st_size
+    np.testing.assert_array_equal(encoder(slices(7, depth=2)), first)  # pages came back intact

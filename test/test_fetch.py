@@ -18,7 +18,8 @@ import pytest
 import torch
 from fileserver import FileServer, Route, serving
 
-from helpers import TINY_VIT, published_heads_path, threshold_segmenter
+from bench.published import published_heads_path
+from helpers import TINY_VIT
 from stoic_ct.cli import main
 from stoic_ct.fetch import (
     WHEEL_NAME,
@@ -27,6 +28,7 @@ from stoic_ct.fetch import (
     fetch_weights,
     wheel_location,
 )
+from stoic_ct.lung_segmentation import threshold_lungs
 from stoic_ct.model_files import MANIFEST, read_manifest, sha256_of
 from stoic_ct.pipeline import Balaitous, check_model_file
 from stoic_ct.random_weights import random_heads, random_r231_state_dict, random_vit_state_dict
@@ -112,7 +114,7 @@ def test_full_download(
     assert oct((tmp_path / MANIFEST).stat().st_mode & 0o777) == "0o644"
     assert all(rng is None for _, rng in server.requests)
     # What was fetched is a working model directory.
-    Balaitous.from_model_dir(tmp_path, CPU, segmenter=threshold_segmenter)
+    Balaitous.from_model_dir(tmp_path, CPU, segmenter=threshold_lungs)
 
 
 def test_present_files_are_not_fetched_again(

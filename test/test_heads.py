@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import published_heads_path
+from bench.published import published_heads_path
 from stoic_ct.errors import ModelFileError
 from stoic_ct.heads import LogisticHeads
 from stoic_ct.random_weights import random_heads

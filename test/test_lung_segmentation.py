@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.lung_segmentation import R231Segmenter, labels_from_mask_image, split_lungs
-from stoic_ct.model_files import R231, ModelFiles
+from stoic_ct.model_files import R231
 from stoic_ct.phantom import PhantomSpec, make_phantom
+from stoic_ct.random_weights import random_r231_state_dict
 from stoic_ct.resampling import resample
 from stoic_ct.volume import Volume
 
@@ -23,24 +25,77 @@ def _no_network(*args: object, **kwargs: object) -> None:
     raise AssertionError("a download was attempted")
 
 
-def test_r231_runs_from_the_model_dir_like_lungmask(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+# Flipped axes make both lungmask and us reorient to LPS and back.
+PHANTOM = PhantomSpec(
+    size=(60, 50, 6),
+    spacing=(6.0, 6.0, 5.0),
+    origin=(180, 150, -15),
+    direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
+)
+
+
+@pytest.fixture(scope="module")
+def segmenting_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random R231 weights whose last layer is centred on the phantom's features.
+
+    Random weights alone give one class everywhere, and so empty masks after lungmask's
+    clean-up; centred, the classes split the slices into regions, and the masks that
+    come out are non-trivial, to compare.
+    """
+    from lungmask import utils
+    from lungmask.resunet import UNet
+
+    state = random_r231_state_dict(seed=1)
+    model = UNet(
+        n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False
+    ).eval()
+    model.load_state_dict(state)
+    volume = resample(make_phantom(PHANTOM)).to_sitk()
+    slices, _ = utils.preprocess(
+        sitk.GetArrayFromImage(sitk.DICOMOrient(volume, "LPS")), resolution=[256, 256]
+    )
+    features: list[torch.Tensor] = []
+    hook = model.last.register_forward_hook(lambda _m, args, _o: features.append(args[0]))
+    with torch.inference_mode():
+        model(
+            torch.as_tensor((np.minimum(slices, 600)[:, None] + 1024) / 1624, dtype=torch.float32)
+        )
+    hook.remove()
+    mean, std = features[0].mean(dim=(0, 2, 3)), features[0].std(dim=(0, 2, 3))
+    weight = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) / (std + 1e-6)
+    state["last.weight"], state["last.bias"] = weight[:, :, None, None], -(weight @ mean)
+    path = tmp_path_factory.mktemp("r231") / R231.name
+    torch.save(state, path)
+    return path
+
+
+def test_r231_gives_lungmasks_labels_without_downloading(
+    segmenting_weights: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lungmask import LMInferer
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
-    spec = PhantomSpec(size=(60, 50, 3), spacing=(6.0, 6.0, 5.0), origin=(-180, -150, -5))
-    volume = resample(make_phantom(spec))
-    weights = ModelFiles(tiny_model_dir).r231
-    ours = R231Segmenter(weights, torch.device("cpu"))(volume)
-    direct = LMInferer(modelpath=str(weights), force_cpu=True, tqdm_disable=True).apply(
-        volume.to_sitk()
-    )
+    volume = resample(make_phantom(PHANTOM))
+    ours = R231Segmenter(segmenting_weights, torch.device("cpu"), batch_size=4)(volume)
+    direct = LMInferer(modelpath=str(segmenting_weights), force_cpu=True, tqdm_disable=True)
+    expected = direct.apply(volume.to_sitk())
     assert ours.shape == volume.voxels.shape
     assert ours.dtype == np.uint8
-    assert set(np.unique(ours)) <= {0, 1, 2}
-    np.testing.assert_array_equal(ours, direct)
+    counts = np.bincount(ours.ravel(), minlength=3)
+    assert len(counts) == 3 and counts.min() > 1000  # both lungs and background: not vacuous
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_r231_fast_precision_gives_labels(segmenting_weights: Path) -> None:
+    """int8 after calibration on the first scan; its accuracy is measured by the benchmark."""
+    volume = resample(make_phantom(PHANTOM))
+    fast = R231Segmenter(segmenting_weights, torch.device("cpu"), batch_size=2, precision="fast")
+    labels = fast(volume)
+    assert labels.shape == volume.voxels.shape and set(np.unique(labels)) <= {0, 1, 2}
+    calibrated = fast._int8
+    np.testing.assert_array_equal(fast(volume), labels)  # deterministic, and calibrated once
+    assert fast._int8 is calibrated is not None
 
 
 def test_r231_file_with_other_keys_is_refused(tmp_path: Path) -> None:

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SMALL_PHANTOM, TINY_VIT, threshold_segmenter
+from helpers import SMALL_PHANTOM, TINY_VIT
 from stoic_ct.demographics import Demographics
 from stoic_ct.errors import InputError, ModelFileError
+from stoic_ct.lung_segmentation import threshold_lungs
 from stoic_ct.model_files import VIT_IMAGENET
 from stoic_ct.phantom import PhantomSpec, make_phantom
 from stoic_ct.pipeline import Balaitous, prepare_slices
@@ -56,7 +57,7 @@ def test_severity_depends_on_age_and_sex(tiny_model: Balaitous) -> None:
 def test_given_lung_labels_replace_the_segmenter(tiny_model: Balaitous) -> None:
     volume = make_phantom(SMALL_PHANTOM)
     resampled = resample(volume)
-    labels = resampled.with_voxels(threshold_segmenter(resampled))
+    labels = resampled.with_voxels(threshold_lungs(resampled))
     with_labels = tiny_model.predict(volume, Demographics(), lung_labels=labels)
     with_segmenter = tiny_model.predict(volume, Demographics())
     assert with_labels.probabilities == with_segmenter.probabilities
@@ -140,7 +141,7 @@ def test_readable_scans_never_crash_the_r231_unet(tiny_model_dir: Path, name: st
 def test_unsigned_voxels_are_converted_before_padding() -> None:
     volume = resample(ODD_SCANS["unsigned"])
     stack = prepare_slices(
-        volume, threshold_segmenter(volume.with_voxels(volume.voxels.astype(np.int32) - 1024))
+        volume, threshold_lungs(volume.with_voxels(volume.voxels.astype(np.int32) - 1024))
     )
     assert stack.image.dtype == np.float32
     assert stack.image.min() == -1024  # the padding
@@ -156,7 +157,7 @@ def test_missing_model_file(tmp_path: Path) -> None:
     write_random_model_dir(tmp_path, TINY_VIT)
     (tmp_path / "vitl_16_pt22k.pth").unlink()
     with pytest.raises(ModelFileError) as error:
-        Balaitous.from_model_dir(tmp_path, CPU, segmenter=threshold_segmenter)
+        Balaitous.from_model_dir(tmp_path, CPU, segmenter=threshold_lungs)
     message = str(error.value)
     assert message.startswith(str(tmp_path / "vitl_16_pt22k.pth") + ": is missing")
     assert "https://zenodo.org/record/6547999/files/vitl_16_pt22k.pth" in message
@@ -167,12 +168,12 @@ def test_encoder_and_heads_that_do_not_fit(tmp_path: Path) -> None:
     other = ViTConfig(embed_dim=128, depth=24, num_heads=2, mlp_hidden=128)
     torch.save({"state_dict": random_vit_state_dict(other)}, tmp_path / VIT_IMAGENET.name)
     with pytest.raises(ModelFileError, match="take 64 features but vitl_16_pt22k.pth gives 128"):
-        Balaitous.from_model_dir(tmp_path, CPU, segmenter=threshold_segmenter)
+        Balaitous.from_model_dir(tmp_path, CPU, segmenter=threshold_lungs)
 
 
 def test_random_weights_are_announced(
     tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        Balaitous.from_model_dir(tiny_model_dir, CPU, segmenter=threshold_segmenter)
+        Balaitous.from_model_dir(tiny_model_dir, CPU, segmenter=threshold_lungs)
     assert "RANDOMLY INITIALISED" in caplog.text

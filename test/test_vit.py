@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_VIT, install_compose_for_balaitous
+from bench.published import install_compose_for_balaitous
+from helpers import TINY_VIT, mapped_ranges, resident_bytes
 from stoic_ct.errors import ModelFileError
 from stoic_ct.model_files import VIT_CT, VIT_IMAGENET
 from stoic_ct.random_weights import random_vit_state_dict
@@ -63,21 +64,6 @@ def test_loads_the_first_blocks_of_a_wrapped_checkpoint(tmp_path: Path) -> None:
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
 
 
-def _mapped_bytes(path: Path) -> tuple[list[tuple[int, int]], int]:
-    """Address ranges of this process's mappings of `path`, and their resident bytes."""
-    ranges, resident, current = [], 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-            current = len(fields) >= 6 and fields[5] == str(path)
-            if current:
-                start, end = (int(a, 16) for a in fields[0].split("-"))
-                ranges.append((start, end))
-        elif current and fields[0] == "Rss:":
-            resident += int(fields[1]) * 1024
-    return ranges, resident
-
-
 def test_unused_blocks_are_never_read(tmp_path: Path) -> None:
     """Weights stay memory-mapped (no copy), and a forward pass reads only the blocks used."""
     config = ViTConfig(embed_dim=256, depth=24, num_heads=4, mlp_hidden=1024)
@@ -85,14 +71,14 @@ def test_unused_blocks_are_never_read(tmp_path: Path) -> None:
     torch.save(random_vit_state_dict(config, seed=4), path)
     size = path.stat().st_size
     model = load_vit(path, VIT_CT, depth=8)
-    ranges, _ = _mapped_bytes(path)
+    ranges = mapped_ranges(path)
     assert ranges, "the checkpoint is not memory-mapped"
     for name, parameter in model.state_dict().items():
         address = parameter.data_ptr()
         assert any(start <= address < end for start, end in ranges), f"{name} was copied"
     with torch.inference_mode():
         model(torch.zeros(1, 3, 224, 224))
-    _, resident = _mapped_bytes(path)
+    resident = resident_bytes(path)
     # 8 of 24 blocks were used: about a third of the file, with margin for read-ahead.
     assert resident < 0.45 * size, f"{resident / size:.0%} of the checkpoint was read"
 

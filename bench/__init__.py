@@ -1,0 +1,1 @@
+"""Benchmark: this pipeline and the published balaitous 1.2 package, side by side (see README)."""

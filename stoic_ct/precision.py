@@ -1,0 +1,92 @@
+"""Numeric precision of the networks: "exact" (the published numbers) or "fast".
+
+exact: float32 everywhere, no TF32 on GPUs. fast: on a GPU, float16 autocast; on a CPU,
+int8: dynamic quantisation of the ViT's Linear layers, and static quantisation of the
+U-Net's convolutions, calibrated on slices of the first scan it sees. The benchmark measures what
+fast costs in probability (bench/README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+PRECISIONS = ("exact", "fast")
+
+
+def check_precision(name: str) -> str:
+    """`name` when it is a precision; ValueError otherwise."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Full float32 precision on a GPU: no TF32 in convolutions or matrix products.
+
+    PyTorch lets cuDNN convolutions use TF32 by default on Ampere and later GPUs, which
+    moves features by ~1e-3; the exact mode must give the CPU's numbers.
+    """
+    previous = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous[0]
+        torch.set_float32_matmul_precision(previous[1])
+
+
+def numerics(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
+    """The context the networks run in: exact float32, or float16 autocast on a GPU."""
+    if precision == "fast" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return exact_float32()
+
+
+@contextlib.contextmanager
+def _quiet_quantisation() -> Iterator[None]:
+    # torch.ao.quantization announces on every call that it moves to torchao; it still works.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def int8_linear(model: nn.Module) -> nn.Module:
+    """`model` with its Linear layers replaced, in place, by int8 ones (weights quantised
+    once, activations per batch). CPU only."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with _quiet_quantisation():
+        quantised: nn.Module = quantize_dynamic(  # type: ignore[no-untyped-call]
+            model, {nn.Linear}, dtype=torch.qint8, inplace=True
+        )
+        return quantised
+
+
+class CalibratedInt8:
+    """A convolutional network in int8, calibrated on sample inputs (CPU).
+
+    The float network runs once on the samples with observers, which record activation
+    ranges; the int8 network is built from them and used from then on.
+    """
+
+    def __init__(self, model: nn.Module, samples: torch.Tensor) -> None:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        with _quiet_quantisation():
+            observed = prepare_fx(
+                copy.deepcopy(model), get_default_qconfig_mapping("x86"), example_inputs=(samples,)
+            )
+            observed(samples)
+            self.network: nn.Module = convert_fx(observed)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.network(batch)
