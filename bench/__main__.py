@@ -33,7 +33,6 @@ PHANTOMS = {
     "small": "the shipped test case, 128 x 128 x 40 at 2.8 x 2.8 x 5 mm",
     "chest": "a chest CT's size, 512 x 512 x 300 at 0.7 x 0.7 x 1.25 mm",
 }
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def phantom_path(name: str) -> Path:
@@ -77,7 +76,14 @@ def model_dir() -> Path:
     return path
 
 
-def run_once(impl: str, image: Path, device: str, precision: str, scans: int) -> dict[str, Any]:
+def run_once(
+    impl: str,
+    image: Path,
+    device: str,
+    precision: str,
+    scans: int,
+    gpu_memory_gb: float | None = None,
+) -> dict[str, Any]:
     """One fresh process: its report (peak RSS as it measured it), and its wall time."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [
@@ -99,6 +105,8 @@ def run_once(impl: str, image: Path, device: str, precision: str, scans: int) ->
             "--json",
             out.name,
         ]
+        if gpu_memory_gb:
+            command += ["--gpu-memory-gb", str(gpu_memory_gb)]
         env = {**os.environ, "STOIC_BENCH_SPAWNED": repr(time.time())}
         started = time.perf_counter()
         done = subprocess.run(
@@ -154,7 +162,12 @@ def markdown(results: dict[str, Any]) -> str:
     """The tables of the README: one per phantom, rows per stage."""
     lines = [
         f"Measured {results['date']} on {results['machine']}, device {results['device']}, "
-        f"{results['repeat']} runs each (medians; peak RSS: the largest).",
+        f"{results['repeat']} runs each (medians; peak RSS: the largest)"
+        + (
+            f", PyTorch's GPU memory capped at {cap:g} GiB."
+            if (cap := results.get("gpu_memory_cap_gb"))
+            else "."
+        ),
         "",
     ]
     for phantom, by_impl in results["phantoms"].items():
@@ -190,10 +203,12 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str, chart: Path) -> None:
+def update_readme(table: str, chart: Path, device: str) -> None:
+    """Replace the README's block for this device, between its two marker comments."""
     readme = REPOSITORY / "README.md"
     text = readme.read_text()
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    first, last = f"<!-- bench-{device}:start -->", f"<!-- bench-{device}:end -->"
+    start, end = text.index(first) + len(first), text.index(last)
     block = f"\n{table}\n![benchmark]({chart.relative_to(REPOSITORY)})\n"
     readme.write_text(text[:start] + block + text[end:])
 
@@ -218,6 +233,12 @@ def main() -> None:
         default=0,
         help="extra scans per run, timed as warm scans (default 0; 2 on a GPU)",
     )
+    parser.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        help="cap PyTorch's GPU memory per run at this many GiB, to check that a smaller "
+        "GPU suffices (a 16 GB T4: 15; an allocation beyond it fails the run)",
+    )
     parser.add_argument("--out", type=Path, default=REPOSITORY / "bench" / "results")
     parser.add_argument(
         "--update-readme",
@@ -240,7 +261,9 @@ def main() -> None:
             for impl, precision in impls:
                 label = impl if precision == "exact" else f"{impl}-{precision}"
                 scans = 1 + (warm if impl == "ours" else 0)
-                report = run_once(impl, phantom_path(name), args.device, precision, scans)
+                report = run_once(
+                    impl, phantom_path(name), args.device, precision, scans, args.gpu_memory_gb
+                )
                 raw[name].setdefault(label, []).append(report)
                 print(
                     f"[{repetition + 1}/{args.repeat}] {name} {label}: {report['wall']:.1f} s, "
@@ -274,6 +297,7 @@ def main() -> None:
         + (torch.cuda.get_device_name() if args.device == "cuda" else "no GPU used"),
         "device": args.device,
         "repeat": args.repeat,
+        "gpu_memory_cap_gb": args.gpu_memory_gb,
         "phantoms": phantoms,
         "raw": raw,
     }
@@ -286,7 +310,7 @@ def main() -> None:
     print(table)
     print(f"written: {args.out / stem}.json, .md, .png", file=sys.stderr)
     if args.update_readme:
-        update_readme(table, chart)
+        update_readme(table, chart, args.device)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """One benchmark run in its own process: load one implementation, run it on scans, report JSON.
 
     python -m bench.runner --impl ours|published --model-dir DIR --image IMG [--image IMG ...]
-        [--device cpu|cuda] [--precision exact|fast] [--scans-per-image N] --json OUT
+        [--device cpu|cuda] [--precision exact|fast] [--scans-per-image N]
+        [--gpu-memory-gb G] --json OUT
 
 Both implementations run unchanged: the published package reads the weight files through
 its own torch.hub cache. The digest of every U-Net mask is reported, to check that both
@@ -141,8 +142,16 @@ def main() -> None:
         default=1,
         help="more than 1 times warm scans (models loaded, caches warm)",
     )
+    parser.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        help="cap PyTorch's GPU memory at this many GiB, as a smaller GPU would (a T4: 15)",
+    )
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
+    if args.gpu_memory_gb and args.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gb * 2**30 / total))
 
     spawned = float(os.environ.get("STOIC_BENCH_SPAWNED", STARTED))
     loading_started = time.perf_counter()
