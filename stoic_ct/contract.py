@@ -13,11 +13,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from stoic_ct.atomic import READABLE
 from stoic_ct.demographics import Demographics, resolve_demographics
 from stoic_ct.errors import InputError
 from stoic_ct.heads import Probabilities
 from stoic_ct.imageio import Scan
-from stoic_ct.model_files import READABLE
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from stoic_ct.atomic import atomic_write
 from stoic_ct.errors import ModelFileError
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +143,6 @@ def problem(spec: ModelFileSpec, what: str) -> str:
 
 
 MANIFEST = "MANIFEST"
-READABLE = 0o644  # mkstemp makes files private; these are read by other users and the platform
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -180,9 +179,4 @@ def write_manifest(directory: Path, digests: dict[str, str]) -> Path:
     order = [spec.name for spec in ALL_FILES if spec.name in digests]
     order += sorted(name for name in digests if name not in order)
     text = "".join(f"{digests[name]}  {name}\n" for name in order)
-    handle, staging = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST}.", suffix=".tmp")
-    os.fchmod(handle, READABLE)
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(text)
-    Path(staging).replace(directory / MANIFEST)
-    return directory / MANIFEST
+    return atomic_write(directory / MANIFEST, lambda f: f.write(text.encode("utf-8")))
