@@ -30,7 +30,8 @@ assert torch.__version__.split('+')[0] == '2.13.0', f'torch {torch.__version__} 
 # tarball uploaded to grand-challenge and extracted at /opt/ml/model takes precedence.
 COPY --chown=user:user model/ /opt/app/model/
 COPY --chown=user:user stoic_ct/ /opt/app/stoic_ct/
-COPY --chown=user:user process.py /opt/app/
+COPY --chown=user:user process.py train.py /opt/app/
 
 USER 1001:1001
+# The inference container. For the final-phase training run: --entrypoint python IMAGE train.py
 ENTRYPOINT ["python", "-m", "process"]

@@ -5,6 +5,11 @@ Commands:
     fetch-weights   download the four model files from where they are published, and check them
     phantom         write a synthetic chest CT phantom
     random-weights  write randomly initialised model files in the published layouts
+    extract-features  encoder features of every scan of a STOIC-layout cohort (cached, shardable)
+    merge-features  merge the feature tables of several shards
+    fit-heads       fit the four logistic regressions on a feature table: a new balaitous.npz
+    install-heads   put fitted heads into a model folder (checked, MANIFEST updated)
+    evaluate        nested cross-validated ROC-AUC of the heads, or a score of given predictions
 """
 
 from __future__ import annotations
@@ -16,16 +21,21 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from stoic_ct.demographics import parse_age, resolve_demographics
 from stoic_ct.errors import StoicError
 from stoic_ct.fetch import INDEX_URL, ZENODO_URL
-from stoic_ct.imageio import read_scan
+from stoic_ct.imageio import image_stem, read_scan
 from stoic_ct.model_files import R231, REPOSITORY_MODEL_DIR, default_model_dir
 from stoic_ct.precision import PRECISIONS
+
+if TYPE_CHECKING:
+    from stoic_ct.training import FitSettings
 
 logger = logging.getLogger("stoic_ct")
 
@@ -212,7 +222,120 @@ def _parser() -> argparse.ArgumentParser:
         help="a real balaitous.npz to copy instead of random heads",
     )
     random.add_argument("--seed", type=int, default=0)
+    _training_parsers(commands)
     return parser
+
+
+def _training_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """extract-features, merge-features, fit-heads and evaluate."""
+    extract = commands.add_parser(
+        "extract-features",
+        help="encoder features of every scan of a STOIC-layout cohort",
+        description="Run the pipeline up to the two encoder features for every scan of "
+        "DATA_DIR/data/mha/<PatientID>.mha, with labels from DATA_DIR/metadata/reference.csv "
+        "and age and sex from the headers, and write one feature table (.npz). Each scan's "
+        "features are cached (keyed by the scan's and the model files' sha256): an "
+        "interrupted run resumes, a changed scan is recomputed. A scan that fails is "
+        "reported and skipped; the exit status is then 1, and the table holds the others.",
+    )
+    extract.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    extract.add_argument("--out", type=Path, required=True, help="feature table to write (.npz)")
+    extract.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="per-scan cache folder (default: .feature-cache beside --out)",
+    )
+    extract.add_argument(
+        "--shard",
+        default="1/1",
+        metavar="I/N",
+        help="extract only the I-th of N interleaved shards of the patients (default 1/1); "
+        "merge the N tables with merge-features",
+    )
+    extract.add_argument(
+        "--lung-masks",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="lung label images <PatientID>.mha (or .nii.gz, .nrrd) to use instead of the "
+        "U-Net; labels 1 right, 2 left, or a binary mask",
+    )
+    extract.add_argument("--batch-size", type=int, default=None, help="slices per encoder batch")
+    add_model_arguments(extract)
+
+    merge = commands.add_parser(
+        "merge-features",
+        help="merge shard feature tables into one",
+        description="Merge the feature tables of the shards of one extract-features run "
+        "(same model files and precision, no patient twice).",
+    )
+    merge.add_argument("tables", nargs="+", type=Path, metavar="TABLE")
+    merge.add_argument("--out", type=Path, required=True, help="merged table to write")
+
+    fit = commands.add_parser(
+        "fit-heads",
+        help="fit the four logistic regressions: a new balaitous.npz",
+        description="Fit the covid heads (features only) on every labelled patient and the "
+        "severity heads (features, age, sex) on the COVID-positive ones; choose each C and "
+        "the full/lung weights by stratified cross-validation; write MODEL_DIR/balaitous.npz "
+        "in the published layout and MODEL_DIR/heads.json (data, settings, scores). With "
+        "the encoder and U-Net files beside it, MODEL_DIR is a --model-dir for process.py.",
+    )
+    fit.add_argument("features", type=Path, metavar="FEATURES")
+    fit.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
+    _fit_arguments(fit)
+
+    install = commands.add_parser(
+        "install-heads",
+        help="put fitted heads into a model folder",
+        description="Copy HEADS_DIR/balaitous.npz and heads.json (from fit-heads or train.py) "
+        "into the model folder, after checking that they take the encoders' features and, "
+        "where heads.json records them, that the encoder files are the ones the features "
+        "came from; update its MANIFEST, so that build.sh and fetch-weights keep them.",
+    )
+    install.add_argument("heads_dir", type=Path, metavar="HEADS_DIR")
+    install.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="model folder (default: the repository's model/)",
+    )
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="cross-validated ROC-AUC of the heads, or a score of given predictions",
+        description="With FEATURES: stratified repeated k-fold nested cross-validation of "
+        "fit-heads (default 4 repeats of 8 folds), out-of-fold ROC-AUC of each head and of "
+        "their weighted average with 95%% bootstrap intervals. With --predictions and "
+        "--reference: the ROC-AUC of given predictions. Severity is scored among "
+        "COVID-positive patients only. Writes report.json, report.md, roc.png and "
+        "calibration.png to --out.",
+    )
+    evaluate.add_argument("features", type=Path, nargs="?", metavar="FEATURES")
+    evaluate.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
+    evaluate.add_argument("--folds", type=int, default=8, help="outer folds (default 8)")
+    evaluate.add_argument("--repeats", type=int, default=4, help="repetitions (default 4)")
+    evaluate.add_argument(
+        "--predictions",
+        type=Path,
+        default=None,
+        help="a CSV of PatientID,probCOVID,probSevere (or predict --csv output) to score",
+    )
+    evaluate.add_argument(
+        "--reference", type=Path, default=None, help="reference.csv to score --predictions against"
+    )
+    _fit_arguments(evaluate)
+
+
+def _fit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--inner-folds",
+        type=int,
+        default=5,
+        help="folds of the cross-validation that chooses C and the weights (default 5)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="of the fold assignments (default 0)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,6 +351,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return phantom(args)
         if args.command == "random-weights":
             return random_weights(args)
+        if args.command == "extract-features":
+            return extract_features(args)
+        if args.command == "merge-features":
+            return merge_features(args)
+        if args.command == "fit-heads":
+            return fit_heads(args)
+        if args.command == "evaluate":
+            return evaluate(args)
+        if args.command == "install-heads":
+            return install_heads(args)
     except StoicError as error:
         logger.error("%s", error)
         return 1
@@ -313,7 +446,7 @@ def predict(args: argparse.Namespace) -> int:
             flush=True,
         )
         if args.qc is not None:
-            png = write_qc(result, image_path.name[:40], args.qc / f"{_stem(image_path)}.png")
+            png = write_qc(result, image_path.name[:40], args.qc / f"{image_stem(image_path)}.png")
             logger.info("quality-control picture: %s", png)
 
     if args.csv is not None:
@@ -333,15 +466,6 @@ def _age(text: str) -> float:
         return parse_age(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _stem(path: Path) -> str:
-    """A file name without its image suffixes: scan.nii.gz -> scan."""
-    name = path.name
-    for suffix in (".nii.gz", ".mha", ".mhd", ".nii", ".nrrd", ".gz"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def fetch_weights(args: argparse.Namespace) -> int:
@@ -393,4 +517,136 @@ def random_weights(args: argparse.Namespace) -> int:
     logger.info("writing random ViT-L, R231 and heads files to %s (about 2.5 GB)", args.dest)
     write_random_model_dir(args.dest, seed=args.seed, heads=args.heads)
     logger.warning("%s holds RANDOM weights: use it to check a setup, never for results", args.dest)
+    return 0
+
+
+def extract_features(args: argparse.Namespace) -> int:
+    """The `extract-features` command; 1 when some scans failed (the table holds the rest)."""
+    from stoic_ct.cohort import parse_shard, read_cohort, shard
+    from stoic_ct.features import encoder_key, extract
+    from stoic_ct.pipeline import Balaitous, resolve_device
+
+    try:
+        index, count = parse_shard(args.shard)
+    except ValueError as error:
+        raise StoicError(f"--shard: {error}") from None
+    patients = shard(read_cohort(args.data_dir), index, count)
+    labelled = sum(1 for p in patients if p.covid != -1)
+    logger.info(
+        "%d scans in shard %d/%d of %s, %d of them in the reference",
+        len(patients),
+        index,
+        count,
+        args.data_dir,
+        labelled,
+    )
+    if args.lung_masks is not None and not args.lung_masks.is_dir():
+        raise StoicError("--lung-masks is not a folder", args.lung_masks)
+    model_dir = args.model_dir or default_model_dir()
+    model = Balaitous.from_model_dir(
+        model_dir,
+        resolve_device(args.device),
+        with_segmenter=args.lung_masks is None,
+        batch_size=args.batch_size,
+        precision=args.precision,
+    )
+    key = encoder_key(model_dir, args.precision, with_r231=args.lung_masks is None)
+    cache = args.cache or args.out.parent / ".feature-cache"
+    table = extract(patients, model, cache, key, masks_dir=args.lung_masks)
+    table = replace(table, provenance=table.provenance | {"shard": f"{index}/{count}"})
+    table.save(args.out)
+    failures = table.provenance["failures"]
+    logger.info("wrote %s: %d patients, features of length %d", args.out, len(table), table.dim)
+    if failures:
+        logger.error(
+            "%d of %d scans failed and are not in the table: %s",
+            len(failures),
+            len(patients),
+            "; ".join(f["patient_id"] for f in failures[:10]),
+        )
+    return 1 if failures else 0
+
+
+def merge_features(args: argparse.Namespace) -> int:
+    """The `merge-features` command."""
+    from stoic_ct.features import FeatureTable, merge_tables
+
+    merged = merge_tables([FeatureTable.load(path) for path in args.tables])
+    merged.save(args.out)
+    logger.info("wrote %s: %d patients from %d tables", args.out, len(merged), len(args.tables))
+    return 0
+
+
+def _fit_settings(args: argparse.Namespace) -> FitSettings:
+    from stoic_ct.training import FitSettings
+
+    if args.inner_folds < 2:
+        raise StoicError(f"--inner-folds must be at least 2, not {args.inner_folds}")
+    return FitSettings(inner_folds=args.inner_folds, seed=args.seed)
+
+
+def fit_heads(args: argparse.Namespace) -> int:
+    """The `fit-heads` command."""
+    from stoic_ct.features import FeatureTable
+    from stoic_ct.training import fit_heads as fit
+    from stoic_ct.training import heads_document, to_logistic_heads, write_heads
+
+    table = FeatureTable.load(args.features)
+    settings = _fit_settings(args)
+    fits = fit(table, settings)
+    path = write_heads(args.out, to_logistic_heads(fits), heads_document(fits, table, settings))
+    logger.info("wrote %s and %s", path, path.with_name("heads.json"))
+    return 0
+
+
+def install_heads(args: argparse.Namespace) -> int:
+    """The `install-heads` command."""
+    from stoic_ct.training import install_heads as install
+
+    model_dir = args.model_dir or REPOSITORY_MODEL_DIR
+    path = install(args.heads_dir, model_dir)
+    logger.info("installed %s (and heads.json); MANIFEST updated where there is one", path)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The `evaluate` command: nested cross-validation, or a score of given predictions."""
+    from stoic_ct.evaluation import cross_validate, report, score_predictions
+    from stoic_ct.features import FeatureTable
+
+    settings = _fit_settings(args)
+    if args.predictions is not None or args.reference is not None:
+        if args.predictions is None or args.reference is None or args.features is not None:
+            raise StoicError("give --predictions and --reference together, without FEATURES")
+        results = score_predictions(args.predictions, args.reference)
+        about = {
+            "title": f"Predictions {args.predictions.name} against {args.reference.name}",
+            "protocol": {"predictions": str(args.predictions), "reference": str(args.reference)},
+        }
+    else:
+        if args.features is None:
+            raise StoicError("give FEATURES, or --predictions and --reference")
+        if args.folds < 2 or args.repeats < 1:
+            raise StoicError("--folds must be at least 2 and --repeats at least 1")
+        table = FeatureTable.load(args.features)
+        results = cross_validate(table, settings, args.folds, args.repeats)
+        about = {
+            "title": f"Nested cross-validation of fit-heads on {args.features.name}",
+            "protocol": {
+                "features": str(args.features),
+                "patients": len(table),
+                "outer": f"{args.repeats} x stratified {args.folds}-fold",
+                "inner": f"stratified {settings.inner_folds}-fold, choosing C and alpha",
+                "seed": settings.seed,
+                "encoder_key": table.provenance.get("encoder_key"),
+                "confidence intervals": "95 % stratified bootstrap over patients, on the "
+                "out-of-fold probabilities averaged over repeats",
+            },
+        }
+    document = report(results, about, args.out, seed=settings.seed)
+    for task, entry in document["tasks"].items():
+        for head, score in entry["heads"].items():
+            low, high = score["ci95"]
+            print(f"{task}\t{head}\tAUC {score['auc']:.3f}\t95% CI {low:.3f}-{high:.3f}")
+    logger.info("report written to %s", args.out)
     return 0

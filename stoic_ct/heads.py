@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stoic_ct.atomic import atomic_write
 from stoic_ct.errors import ModelFileError
 from stoic_ct.model_files import HEADS, problem
 
@@ -99,6 +100,19 @@ class LogisticHeads:
             intercept={k: float(arrays[f"intercept_{k}"].reshape(())) for k in keys},
             alpha={k: float(arrays[f"alpha_{k}"].reshape(())) for k in keys},
         )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The published balaitous.npz layout: (D,) / (D + 2,) coefficients, 0-d scalars."""
+        out: dict[str, np.ndarray] = {}
+        for key, coef in self.coef.items():
+            out[f"coef_{key}"] = np.asarray(coef, dtype=np.float64)
+            out[f"intercept_{key}"] = np.array(self.intercept[key], dtype=np.float64)
+            out[f"alpha_{key}"] = np.array(self.alpha[key], dtype=np.float64)
+        return out
+
+    def save(self, path: Path) -> Path:
+        """Write balaitous.npz atomically (a temporary file beside it, then a rename)."""
+        return atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **self.arrays()))
 
     def __call__(
         self, features: dict[str, np.ndarray], age_feature: float, sex_feature: float

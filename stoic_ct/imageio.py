@@ -187,3 +187,12 @@ def _itk_reason(error: RuntimeError) -> str:
         if match:
             return match.group(1).strip().rstrip(".")
     return str(error).strip().splitlines()[-1]
+
+
+def image_stem(path: Path) -> str:
+    """A file name without its image suffixes: scan.nii.gz -> scan."""
+    name = path.name
+    for suffix in (".nii.gz", ".mha", ".mhd", ".nii", ".nrrd", ".gz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name

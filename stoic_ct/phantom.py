@@ -8,6 +8,7 @@ spine posterior. Used for the shipped test case, the tests and the benchmark.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -137,3 +138,58 @@ def write_phantom(volume: Volume, path: str, spec: PhantomSpec, compress: bool =
     if spec.sex is not None:
         image.SetMetaData("PatientSex", spec.sex)
     sitk.WriteImage(image, path, useCompression=compress)
+
+
+# The ages STOIC writes: the midpoints of its age bins.
+STOIC_AGES = (35, 45, 55, 65, 75, 85)
+
+
+def write_phantom_cohort(
+    data_dir: Path,
+    patients: int,
+    *,
+    size: tuple[int, int, int] = (64, 64, 12),
+    spacing: Vector3 = (5.6, 5.6, 10.0),
+    seed: int = 0,
+    shuffle_labels: bool = False,
+) -> Path:
+    """A synthetic cohort in the STOIC training layout, with labels that the scans explain.
+
+    Each patient gets a lesion burden drawn from [0, 0.35], an age from STOIC's bins and
+    a sex. COVID-19 is positive when the burden exceeds 0.12; a COVID-positive patient is
+    severe when age + 100 x burden exceeds 85 (older and more affected patients). With
+    `shuffle_labels` the label rows are permuted across patients: nothing to learn.
+
+    Writes DATA_DIR/data/mha/<PatientID>.mha and DATA_DIR/metadata/reference.csv.
+    """
+    rng = np.random.default_rng(seed)
+    scans = data_dir / "data" / "mha"
+    scans.mkdir(parents=True, exist_ok=True)
+    origin = tuple(-n * s / 2 for n, s in zip(size, spacing, strict=True))
+    rows = []
+    for index in range(patients):
+        burden = float(rng.uniform(0.0, 0.35))
+        age = int(rng.choice(STOIC_AGES))
+        sex = str(rng.choice(["M", "F"]))
+        spec = PhantomSpec(
+            size=size,
+            spacing=spacing,
+            origin=origin,  # type: ignore[arg-type]
+            lesion_burden=burden,
+            age=f"{age:03d}Y",
+            sex=sex,
+            seed=seed * 100_003 + index,
+        )
+        patient = f"{1000 + index}"
+        write_phantom(make_phantom(spec), str(scans / f"{patient}.mha"), spec)
+        covid = int(burden > 0.12)
+        severe = int(covid == 1 and age + 100 * burden > 85)
+        rows.append((patient, covid, severe))
+    labels = [(c, s) for _, c, s in rows]
+    if shuffle_labels:
+        labels = [labels[i] for i in rng.permutation(len(labels))]
+    (data_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    lines = ["PatientID,probCOVID,probSevere"]
+    lines += [f"{p},{c},{s}" for (p, _, _), (c, s) in zip(rows, labels, strict=True)]
+    (data_dir / "metadata" / "reference.csv").write_text("\n".join(lines) + "\n")
+    return data_dir

@@ -88,6 +88,21 @@ def prepare_slices(volume: Volume, labels: np.ndarray) -> SliceStack:
 
 
 @dataclass(frozen=True)
+class Encoded:
+    """The two features of one scan and what the encoders saw.
+
+    Attributes:
+        features: "full" and "lung" encoder features, (D,) float64 each.
+        slices: the encoders' input, for quality control.
+        seconds: wall time per stage.
+    """
+
+    features: dict[str, np.ndarray]
+    slices: SliceStack
+    seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Result:
     """The probabilities for one scan with what led to them.
 
@@ -191,10 +206,8 @@ class Balaitous:
             segmenter = R231Segmenter(files.r231, device, precision=precision)
         return cls(encoders["full"], encoders["lung"], heads, segmenter)
 
-    def predict(
-        self, volume: Volume, demographics: Demographics, lung_labels: Volume | None = None
-    ) -> Result:
-        """Run the whole pipeline on one CT.
+    def encode(self, volume: Volume, lung_labels: Volume | None = None) -> Encoded:
+        """Run the pipeline up to the two encoder features (published steps 2-11).
 
         Args:
             volume: the CT as read, HU, any grid.
@@ -230,6 +243,20 @@ class Balaitous:
         lap("encoder full")
         features["lung"] = self.lung(mask_outside_lungs(image, stack.mask[..., stack.kept]))
         lap("encoder lung")
-        probabilities = self.heads(features, demographics.age_feature, demographics.sex_feature)
-        lap("heads")
-        return Result(probabilities, demographics, features, stack, seconds)
+        return Encoded(features, stack, seconds)
+
+    def predict(
+        self, volume: Volume, demographics: Demographics, lung_labels: Volume | None = None
+    ) -> Result:
+        """Run the whole pipeline on one CT: `encode`, then the heads.
+
+        Raises:
+            InputError: as `encode`.
+        """
+        encoded = self.encode(volume, lung_labels)
+        started = time.perf_counter()
+        probabilities = self.heads(
+            encoded.features, demographics.age_feature, demographics.sex_feature
+        )
+        seconds = encoded.seconds | {"heads": time.perf_counter() - started}
+        return Result(probabilities, demographics, encoded.features, encoded.slices, seconds)

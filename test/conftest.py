@@ -10,13 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import torch
 
 from bench.published import install_compose_for_balaitous
 from helpers import TINY_VIT
+from stoic_ct.cohort import read_cohort
+from stoic_ct.features import FeatureTable, encoder_key, extract
+from stoic_ct.imageio import read_scan
 from stoic_ct.lung_segmentation import threshold_lungs
+from stoic_ct.phantom import write_phantom_cohort
 from stoic_ct.pipeline import Balaitous
 from stoic_ct.random_weights import write_random_model_dir
+from stoic_ct.volume import Volume
 
 torch.set_num_threads(2)
 
@@ -57,3 +63,36 @@ def shared_tmp() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+COHORT_SIZE = 48
+
+
+@pytest.fixture(scope="session")
+def phantom_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 small phantoms in the STOIC layout; COVID follows lesion burden, severity age too."""
+    return write_phantom_cohort(tmp_path_factory.mktemp("cohort"), COHORT_SIZE, seed=1)
+
+
+@pytest.fixture(scope="session")
+def cohort_masks(phantom_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Threshold lung masks <PatientID>.mha of the cohort's scans, on their own grids."""
+    masks = tmp_path_factory.mktemp("cohort-masks")
+    for patient in read_cohort(phantom_cohort):
+        volume = read_scan(patient.image).volume
+        labels = Volume(threshold_lungs(volume), volume.spacing, volume.origin, volume.direction)
+        sitk.WriteImage(labels.to_sitk(), str(masks / f"{patient.id}.mha"))
+    return masks
+
+
+@pytest.fixture(scope="session")
+def cohort_table(
+    phantom_cohort: Path,
+    tiny_model_dir: Path,
+    tiny_model: Balaitous,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> FeatureTable:
+    """The cohort's features from the tiny model and the threshold segmenter."""
+    key = encoder_key(tiny_model_dir, "exact", with_r231=False)
+    cache = tmp_path_factory.mktemp("cohort-cache")
+    return extract(read_cohort(phantom_cohort), tiny_model, cache, key, progress=False)

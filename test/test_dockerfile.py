@@ -44,6 +44,7 @@ def build_context(files: list[str]) -> set[str]:
 def test_build_context_holds_the_code_and_model_files_only() -> None:
     kept = [
         "process.py",
+        "train.py",
         "requirements.txt",
         "stoic_ct/pipeline.py",
         "stoic_ct/__init__.py",
@@ -70,8 +71,10 @@ def test_every_copied_path_is_in_the_context() -> None:
         ["git", "ls-files"], cwd=REPOSITORY, capture_output=True, text=True, check=True
     ).stdout.split()
     context = build_context(tracked)
-    for source in re.findall(r"^COPY (?:--chown=\S+ )?(\S+) ", DOCKERFILE, flags=re.MULTILINE):
-        assert any(f == source or f.startswith(source) for f in context), source
+    for line in re.findall(r"^COPY (.+)$", DOCKERFILE, flags=re.MULTILINE):
+        *sources, _destination = [w for w in line.split() if not w.startswith("--")]
+        for source in sources:
+            assert any(f == source or f.startswith(source) for f in context), source
 
 
 def test_recipe() -> None:

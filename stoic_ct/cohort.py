@@ -1,0 +1,129 @@
+"""A cohort in the STOIC training layout: scans, labels and how to split them among workers.
+
+    DATA_DIR/data/mha/<PatientID>.mha
+    DATA_DIR/metadata/reference.csv      PatientID,probCOVID,probSevere   (0 or 1)
+
+This is the layout of the STOIC2021 final-phase training container (`/input`). Age and
+sex come from each scan's header, as at inference time.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from stoic_ct.errors import InputError
+
+REFERENCE_COLUMNS = ("PatientID", "probCOVID", "probSevere")
+UNKNOWN = -1  # a label the reference does not give
+
+
+@dataclass(frozen=True)
+class Patient:
+    """One scan of the cohort and its labels (1, 0, or UNKNOWN when not in the reference)."""
+
+    id: str
+    image: Path
+    covid: int = UNKNOWN
+    severe: int = UNKNOWN
+
+
+def read_reference(path: Path) -> dict[str, tuple[int, int]]:
+    """PatientID -> (covid, severe) from a STOIC reference.csv.
+
+    Raises:
+        InputError: naming the file and line when a column is missing, a label is not 0
+            or 1, or a patient is listed twice.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REFERENCE_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(
+                    f"lacks the column(s) {', '.join(missing)}; expected a header "
+                    f"{','.join(REFERENCE_COLUMNS)}",
+                    path,
+                )
+            labels: dict[str, tuple[int, int]] = {}
+            for line, row in enumerate(reader, start=2):
+                patient = (row["PatientID"] or "").strip()
+                if not patient:
+                    raise InputError(f"line {line}: empty PatientID", path)
+                if patient in labels:
+                    raise InputError(f"line {line}: patient {patient} is listed twice", path)
+                labels[patient] = (
+                    _label(row["probCOVID"], "probCOVID", line, path),
+                    _label(row["probSevere"], "probSevere", line, path),
+                )
+    except OSError as error:
+        raise InputError(f"cannot be read ({error.strerror or error})", path) from None
+    except UnicodeDecodeError:
+        raise InputError("is not a UTF-8 text file", path) from None
+    return labels
+
+
+def _label(text: str | None, column: str, line: int, path: Path) -> int:
+    value = (text or "").strip()
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if number not in (0.0, 1.0):
+        raise InputError(f"line {line}: {column} is {value!r}; expected 0 or 1", path)
+    return int(number)
+
+
+def read_cohort(data_dir: Path) -> list[Patient]:
+    """Every scan under DATA_DIR/data/mha, sorted by PatientID, with its labels.
+
+    Scans missing from the reference keep UNKNOWN labels (they can still be extracted);
+    reference rows without a scan are ignored by the caller, which can compare counts.
+
+    Raises:
+        InputError: when the folder does not have the STOIC layout.
+    """
+    scans = data_dir / "data" / "mha"
+    reference = data_dir / "metadata" / "reference.csv"
+    if not scans.is_dir():
+        raise InputError(
+            "has no data/mha/ folder; expected the STOIC layout DATA_DIR/data/mha/<PatientID>.mha "
+            "and DATA_DIR/metadata/reference.csv",
+            data_dir,
+        )
+    labels = read_reference(reference) if reference.exists() else {}
+    images = sorted(p for p in scans.iterdir() if p.name.endswith((".mha", ".mhd")))
+    if not images:
+        raise InputError("holds no .mha or .mhd scan", scans)
+    patients = []
+    for image in images:
+        patient = image.name.rsplit(".", 1)[0]
+        covid, severe = labels.get(patient, (UNKNOWN, UNKNOWN))
+        patients.append(Patient(patient, image, covid, severe))
+    return patients
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """ "I/N" (1 <= I <= N) -> (I, N).
+
+    Raises:
+        ValueError: when the text is not of that form.
+    """
+    parts = text.split("/")
+    try:
+        index, count = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"shard {text!r} is not of the form I/N, e.g. 1/4") from None
+    if not 1 <= index <= count:
+        raise ValueError(f"shard {text!r}: I must be between 1 and N")
+    return index, count
+
+
+def shard(patients: list[Patient], index: int, count: int) -> list[Patient]:
+    """The `index`-th of `count` disjoint shards (1-based), every count-th patient by ID.
+
+    Interleaving keeps the shards balanced when scan sizes drift with the ID.
+    """
+    ordered = sorted(patients, key=lambda p: p.id)
+    return ordered[index - 1 :: count]

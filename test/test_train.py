@@ -1,0 +1,186 @@
+"""The retraining chain on a synthetic cohort, through the commands a user runs:
+extract-features -> fit-heads -> evaluate -> process.py, shards, and train.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from helpers import write_case
+from stoic_ct.cli import main as cli
+from stoic_ct.demographics import resolve_demographics
+from stoic_ct.features import FeatureTable
+from stoic_ct.imageio import read_scan
+from stoic_ct.phantom import PhantomSpec, write_phantom_cohort
+from stoic_ct.pipeline import Balaitous
+
+REPOSITORY = Path(train.__file__).resolve().parent
+FAST_EVALUATION = ["--folds", "4", "--repeats", "2", "--inner-folds", "3"]
+# Three axial slices keep the random R231 U-Net of process.py to a few seconds.
+THIN_PHANTOM = PhantomSpec(size=(64, 56, 3), spacing=(5.6, 5.6, 5.0), origin=(-180, -150, -5))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny model files, whose heads fit-heads replaces."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("retrained") / "model"))
+
+
+@pytest.fixture(scope="module")
+def features(
+    phantom_cohort: Path,
+    cohort_masks: Path,
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """extract-features on the whole cohort, with the threshold lung masks."""
+    out = tmp_path_factory.mktemp("features") / "features.npz"
+    status = cli(
+        [
+            "extract-features",
+            str(phantom_cohort),
+            "--out",
+            str(out),
+            "--lung-masks",
+            str(cohort_masks),
+            "--model-dir",
+            str(model_dir),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert status == 0
+    return out
+
+
+def test_the_chain_learns_and_process_py_uses_the_new_heads(
+    features: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    assert cli(["fit-heads", str(features), "--out", str(model_dir), "--inner-folds", "3"]) == 0
+    assert (
+        cli(["evaluate", str(features), "--out", str(tmp_path / "report"), *FAST_EVALUATION]) == 0
+    )
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    for task in ("covid", "severe"):
+        assert report["tasks"][task]["heads"]["combined"]["auc"] > 0.9, task
+
+    write_case(tmp_path / "input", THIN_PHANTOM)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPOSITORY / "process.py"),
+            "--input",
+            str(tmp_path / "input"),
+            "--output",
+            str(tmp_path / "output"),
+            "--model-dir",
+            str(model_dir),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    scan = read_scan(next((tmp_path / "input" / "images" / "ct").iterdir()))
+    demographics = resolve_demographics(
+        [("header", scan.header.get("PatientAge"))], [("header", scan.header.get("PatientSex"))]
+    )
+    expected = Balaitous.from_model_dir(model_dir, torch.device("cpu")).predict(
+        scan.volume, demographics
+    )
+    covid = json.loads((tmp_path / "output" / "probability-covid-19.json").read_text())
+    severe = json.loads((tmp_path / "output" / "probability-severe-covid-19.json").read_text())
+    assert covid == pytest.approx(expected.probabilities.covid, abs=1e-6)
+    assert severe == pytest.approx(expected.probabilities.severe, abs=1e-6)
+
+
+def test_two_shards_merged_equal_one_run(
+    phantom_cohort: Path, cohort_masks: Path, model_dir: Path, features: Path, tmp_path: Path
+) -> None:
+    shards = []
+    for index in (1, 2):
+        out = tmp_path / f"shard-{index}.npz"
+        common = [
+            "--lung-masks",
+            str(cohort_masks),
+            "--model-dir",
+            str(model_dir),
+            "--device",
+            "cpu",
+        ]
+        status = cli(
+            [
+                "extract-features",
+                str(phantom_cohort),
+                "--out",
+                str(out),
+                "--shard",
+                f"{index}/2",
+                "--cache",
+                str(tmp_path / f"cache-{index}"),
+                *common,
+            ]
+        )
+        assert status == 0
+        shards.append(str(out))
+    assert cli(["merge-features", *shards, "--out", str(tmp_path / "merged.npz")]) == 0
+    merged, whole = FeatureTable.load(tmp_path / "merged.npz"), FeatureTable.load(features)
+    assert [len(FeatureTable.load(Path(s))) for s in shards] == [24, 24]
+    for name in FeatureTable.ARRAYS:
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name), err_msg=name)
+
+
+def test_train_py_on_shuffled_labels_finds_nothing_to_learn(
+    cohort_masks: Path, model_dir: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # The same 48 scans (same seed) with their label rows permuted across patients.
+    cohort = write_phantom_cohort(tmp_path / "input", 48, seed=1, shuffle_labels=True)
+    status = train.main(
+        [
+            "--input",
+            str(cohort),
+            "--output",
+            str(tmp_path / "output"),
+            "--scratch",
+            str(tmp_path / "scratch"),
+            "--model-dir",
+            str(model_dir),
+            "--lung-masks",
+            str(cohort_masks),
+            "--device",
+            "cpu",
+            "--evaluate",
+            "--folds",
+            "4",
+            "--repeats",
+            "2",
+        ]
+    )
+    assert status == 0
+    report = json.loads((tmp_path / "output" / "report" / "report.json").read_text())
+    for task in ("covid", "severe"):
+        # 48 and 33 patients: a chance AUC has a standard error near 0.09 and 0.10.
+        assert abs(report["tasks"][task]["heads"]["combined"]["auc"] - 0.5) < 0.25, task
+    assert (tmp_path / "output" / "balaitous.npz").exists()
+    assert json.loads((tmp_path / "output" / "heads.json").read_text())["data"]["patients"] == 48
+
+    installed = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("install") / "model"))
+    assert cli(["install-heads", str(tmp_path / "output"), "--model-dir", str(installed)]) == 0
+
+
+def test_train_py_says_what_is_wrong_with_the_input(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert train.main(["--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
+    assert f"{tmp_path}: has no data/mha/ folder; expected the STOIC layout" in caplog.text
+    assert not (tmp_path / "out").exists()
