@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(args: argparse.Namespace) -> None:
     from stoic_ct.cohort import read_cohort
-    from stoic_ct.evaluation import cross_validate, report
+    from stoic_ct.evaluation import cross_validate, protocol, report
     from stoic_ct.features import encoder_key, extract
     from stoic_ct.pipeline import Balaitous, resolve_device
     from stoic_ct.training import (
@@ -106,11 +106,7 @@ def train(args: argparse.Namespace) -> None:
         results = cross_validate(table, settings, args.folds, args.repeats)
         about = {
             "title": "Nested cross-validation of the heads fitted by train.py",
-            "protocol": {
-                "outer": f"{args.repeats} x stratified {args.folds}-fold",
-                "inner": f"stratified {settings.inner_folds}-fold, choosing C and alpha",
-                "seed": settings.seed,
-            },
+            "protocol": {"patients": len(table)} | protocol(settings, args.folds, args.repeats),
         }
         report(results, about, args.output / "report", seed=settings.seed)
         logger.info("evaluation report in %s", args.output / "report")

@@ -4,6 +4,7 @@ Commands:
     predict         run the model on any number of scans and print or write the probabilities
     fetch-weights   download the four model files from where they are published, and check them
     phantom         write a synthetic chest CT phantom
+    phantom-cohort  write a synthetic cohort in the STOIC training layout
     random-weights  write randomly initialised model files in the published layouts
     extract-features  encoder features of every scan of a STOIC-layout cohort (cached, shardable)
     merge-features  merge the feature tables of several shards
@@ -207,6 +208,19 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--sex", default="M", help="PatientSex header (default M)")
     phantom.add_argument("--seed", type=int, default=0)
 
+    cohort = commands.add_parser(
+        "phantom-cohort",
+        help="write a synthetic cohort in the STOIC training layout",
+        description="Write small chest phantoms to DATA_DIR/data/mha and their labels to "
+        "DATA_DIR/metadata/reference.csv: COVID-19 when the lesion burden exceeds 0.12, "
+        "severe when age + 100 x burden exceeds 85. To try extract-features, fit-heads and "
+        "evaluate end to end; --shuffle-labels gives a cohort with nothing to learn.",
+    )
+    cohort.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    cohort.add_argument("--patients", type=int, default=48, help="how many (default 48)")
+    cohort.add_argument("--seed", type=int, default=0)
+    cohort.add_argument("--shuffle-labels", action="store_true")
+
     random = commands.add_parser(
         "random-weights",
         help="write random model files in the published layouts",
@@ -351,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return phantom(args)
         if args.command == "random-weights":
             return random_weights(args)
+        if args.command == "phantom-cohort":
+            return phantom_cohort(args)
         if args.command == "extract-features":
             return extract_features(args)
         if args.command == "merge-features":
@@ -510,6 +526,19 @@ def phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def phantom_cohort(args: argparse.Namespace) -> int:
+    """The `phantom-cohort` command."""
+    from stoic_ct.phantom import write_phantom_cohort
+
+    if args.patients < 8:
+        raise StoicError(f"--patients must be at least 8, not {args.patients}")
+    write_phantom_cohort(
+        args.data_dir, args.patients, seed=args.seed, shuffle_labels=args.shuffle_labels
+    )
+    logger.info("wrote %d phantoms and their labels to %s", args.patients, args.data_dir)
+    return 0
+
+
 def random_weights(args: argparse.Namespace) -> int:
     """The `random-weights` command."""
     from stoic_ct.random_weights import write_random_model_dir
@@ -611,7 +640,7 @@ def install_heads(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """The `evaluate` command: nested cross-validation, or a score of given predictions."""
-    from stoic_ct.evaluation import cross_validate, report, score_predictions
+    from stoic_ct.evaluation import cross_validate, protocol, report, score_predictions
     from stoic_ct.features import FeatureTable
 
     settings = _fit_settings(args)
@@ -635,13 +664,9 @@ def evaluate(args: argparse.Namespace) -> int:
             "protocol": {
                 "features": str(args.features),
                 "patients": len(table),
-                "outer": f"{args.repeats} x stratified {args.folds}-fold",
-                "inner": f"stratified {settings.inner_folds}-fold, choosing C and alpha",
-                "seed": settings.seed,
                 "encoder_key": table.provenance.get("encoder_key"),
-                "confidence intervals": "95 % stratified bootstrap over patients, on the "
-                "out-of-fold probabilities averaged over repeats",
-            },
+            }
+            | protocol(settings, args.folds, args.repeats),
         }
     document = report(results, about, args.out, seed=settings.seed)
     for task, entry in document["tasks"].items():

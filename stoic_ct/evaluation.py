@@ -56,22 +56,28 @@ class Score:
 def auc_with_interval(
     y: np.ndarray, p: np.ndarray, *, resamples: int = 2000, seed: int = 0
 ) -> Score:
-    """ROC-AUC of (N,) probabilities `p` for (N,) 0/1 labels `y`, with a stratified bootstrap CI.
+    """ROC-AUC of probabilities `p` for (N,) 0/1 labels `y`, with a stratified bootstrap CI.
 
-    Each resample draws the positives and the negatives with replacement, separately; its
+    `p` is (N,), or (R, N) for R repetitions of a cross-validation: the AUC is then the
+    mean of the R AUCs, and each bootstrap resample draws the same patients for all R.
+    A resample draws the positives and the negatives with replacement, separately; its
     AUC is the Mann-Whitney U statistic over n_pos x n_neg (ties count one half).
     """
     y = np.asarray(y, dtype=int)
-    auc = float(roc_auc_score(y, p))
+    runs = np.atleast_2d(p)
+    auc = float(np.mean([roc_auc_score(y, run) for run in runs]))
     rng = np.random.default_rng(seed)
-    positive, negative = p[y == 1], p[y == 0]
+    positive, negative = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     aucs = []
     for start in range(0, resamples, 250):  # in chunks, to bound memory on large cohorts
         count = min(250, resamples - start)
         drawn_pos = positive[rng.integers(0, len(positive), (count, len(positive)))]
         drawn_neg = negative[rng.integers(0, len(negative), (count, len(negative)))]
-        u = mannwhitneyu(drawn_pos, drawn_neg, axis=1, method="asymptotic").statistic
-        aucs.append(u / (len(positive) * len(negative)))
+        u = [
+            mannwhitneyu(run[drawn_pos], run[drawn_neg], axis=1, method="asymptotic").statistic
+            for run in runs
+        ]
+        aucs.append(np.mean(u, axis=0) / (len(positive) * len(negative)))
     low, high = np.percentile(np.concatenate(aucs), [2.5, 97.5])
     return Score(auc, float(low), float(high), len(y), len(positive))
 
@@ -99,15 +105,20 @@ class TaskResult:
     """Out-of-fold (or given) probabilities of each head for one task's patients.
 
     Attributes:
-        y: (N,) labels; predictions: head -> (N,) probabilities (averaged over repeats).
-        per_repeat_auc: head -> one AUC per repetition of the cross-validation.
+        y: (N,) labels.
+        predictions: head -> (R, N) probabilities, one row per repetition of the
+            cross-validation (R = 1 for given predictions).
     """
 
     task: str
     patient_id: np.ndarray
     y: np.ndarray
     predictions: dict[str, np.ndarray]
-    per_repeat_auc: dict[str, list[float]]
+
+    def mean_prediction(self, head: str) -> np.ndarray:
+        """(N,) probabilities of `head`, averaged over the repetitions."""
+        mean: np.ndarray = self.predictions[head].mean(axis=0)
+        return mean
 
 
 def cross_validate(
@@ -145,11 +156,21 @@ def cross_validate(
                     oof[head][r, test] = p
                 bar.update()
         bar.close()
-        per_repeat = {h: [float(roc_auc_score(y, row)) for row in oof[h]] for h in oof}
-        results[task] = TaskResult(
-            task, data.patient_id, y, {h: v.mean(axis=0) for h, v in oof.items()}, per_repeat
-        )
+        results[task] = TaskResult(task, data.patient_id, y, oof)
     return results
+
+
+def protocol(settings: FitSettings, folds: int, repeats: int) -> dict[str, Any]:
+    """How `cross_validate` estimated the scores, for the report."""
+    return {
+        "outer": f"{repeats} x stratified {folds}-fold",
+        "inner": f"stratified {settings.inner_folds}-fold, choosing C and alpha",
+        "seed": settings.seed,
+        "AUC": "the mean over repetitions of the out-of-fold AUC",
+        "confidence intervals": "95 % stratified bootstrap over patients (the same "
+        "patients drawn for every repetition)",
+        "curves": "out-of-fold probabilities averaged over repetitions",
+    }
 
 
 def read_predictions(path: Path) -> dict[str, tuple[float, float]]:
@@ -233,9 +254,7 @@ def score_predictions(predictions: Path, reference: Path) -> dict[str, TaskResul
                 "negative patients with predictions; an AUC needs both",
                 reference,
             )
-        results[task] = TaskResult(
-            task, ids[rows], y[rows].astype(int), {"given": p}, {"given": [float("nan")]}
-        )
+        results[task] = TaskResult(task, ids[rows], y[rows].astype(int), {"given": p[None]})
     return results
 
 
@@ -246,9 +265,9 @@ def report(
     tasks: dict[str, Any] = {}
     for task, result in results.items():
         heads = {}
-        for head, p in result.predictions.items():
-            score = auc_with_interval(result.y, p, seed=seed)
-            repeats = [a for a in result.per_repeat_auc[head] if np.isfinite(a)]
+        for head, runs in result.predictions.items():
+            score = auc_with_interval(result.y, runs, seed=seed)
+            repeats = [float(roc_auc_score(result.y, run)) for run in runs]
             heads[head] = {
                 "auc": score.auc,
                 "ci95": [score.low, score.high],
@@ -260,7 +279,7 @@ def report(
             "patients": len(result.y),
             "positives": int(result.y.sum()),
             "heads": heads,
-            "calibration": calibration(result.y, result.predictions[main]),
+            "calibration": calibration(result.y, result.mean_prediction(main)),
         }
     document = about | {"tasks": tasks}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,12 +318,12 @@ def _plots(results: dict[str, TaskResult], out_dir: Path) -> None:
     roc, calibrated = [], []
     for task, result in results.items():
         curves = []
-        for head, p in result.predictions.items():
-            fpr, tpr, _ = roc_curve(result.y, p)
+        for head in result.predictions:
+            fpr, tpr, _ = roc_curve(result.y, result.mean_prediction(head))
             curves.append(Series(HEAD_LABELS[head], fpr, tpr))
         roc.append(Panel(TASK_TITLES[task], "false positive rate", "true positive rate", curves))
         main = "combined" if "combined" in result.predictions else "given"
-        bins = calibration(result.y, result.predictions[main])
+        bins = calibration(result.y, result.mean_prediction(main))
         calibrated.append(
             Panel(
                 TASK_TITLES[task],

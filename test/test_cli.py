@@ -184,3 +184,33 @@ def test_phantom_command(tmp_path: Path) -> None:
     scan = read_scan(path)
     assert scan.volume.size == (40, 30, 6)
     assert scan.header == {"PatientAge": "050Y", "PatientSex": "F"}
+
+
+def test_phantom_cohort_command(tmp_path: Path) -> None:
+    from stoic_ct.cohort import read_cohort
+
+    assert main(["phantom-cohort", str(tmp_path / "a"), "--patients", "10", "--seed", "2"]) == 0
+    assert main(["phantom-cohort", str(tmp_path / "b"), "--patients", "10", "--seed", "2"]) == 0
+    assert (
+        main(
+            [
+                "phantom-cohort",
+                str(tmp_path / "c"),
+                "--patients",
+                "10",
+                "--seed",
+                "2",
+                "--shuffle-labels",
+            ]
+        )
+        == 0
+    )
+    a, b, c = (read_cohort(tmp_path / name) for name in "abc")
+    assert len(a) == 10 and [p.id for p in a] == [p.id for p in c]
+    assert all(p.image.read_bytes() == q.image.read_bytes() for p, q in zip(a, b, strict=True))
+    # Shuffled: the same labels, on other patients; severe only where COVID-19.
+    labels = sorted((p.covid, p.severe) for p in a)
+    assert sorted((p.covid, p.severe) for p in c) == labels
+    assert [(p.covid, p.severe) for p in c] != [(p.covid, p.severe) for p in a]
+    assert all(p.covid == 1 for p in a if p.severe == 1)
+    assert main(["phantom-cohort", str(tmp_path / "d"), "--patients", "3"]) == 1

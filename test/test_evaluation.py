@@ -108,11 +108,19 @@ def test_nested_cross_validation_predicts_every_patient_out_of_fold(
     results = cross_validate(cohort_table, FAST, folds=3, repeats=2, progress=False)
     covid = results["covid"]
     assert len(covid.y) == 48 and set(covid.predictions) == {"full", "lung", "combined"}
-    assert all(len(aucs) == 2 for aucs in covid.per_repeat_auc.values())
+    assert all(runs.shape == (2, 48) for runs in covid.predictions.values())
     assert all(((p > 0) & (p < 1)).all() for p in covid.predictions.values())
+    # The two repetitions split the patients differently: their predictions differ.
+    assert not np.allclose(*covid.predictions["combined"])
     assert len(results["severe"].y) == int((cohort_table.covid == 1).sum())
 
     document = report(results, {"title": "cv", "protocol": {"outer": "2 x 3"}}, tmp_path)
+    for task, result in results.items():
+        for head in result.predictions:
+            score = document["tasks"][task]["heads"][head]
+            assert len(score["auc_per_repeat"]) == 2
+            assert score["auc"] == pytest.approx(np.mean(score["auc_per_repeat"]))
+            assert score["ci95"][0] <= score["auc"] <= score["ci95"][1]
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(document))
     markdown = (tmp_path / "report.md").read_text()
     assert "| weighted average |" in markdown and "- outer: 2 x 3" in markdown
