@@ -136,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = args.model_dir or default_model_dir()
 
         def load() -> Balaitous:
-            model = Balaitous.from_model_dir(model_dir, device, precision=args.precision)
+            model = Balaitous.from_model_dir(
+                model_dir, device, precision=args.precision, encoder=args.encoder
+            )
             logger.info(
                 "models loaded from %s on %s (torch %s, %s precision) in %.1f s",
                 model_dir,

@@ -2,7 +2,7 @@
 
     python train.py [--input /input] [--output /output] [--scratch /scratch]
                     [--model-dir DIR] [--device auto|cpu|cuda] [--precision exact|fast]
-                    [--lung-masks DIR]
+                    [--encoder vit|convnext3d] [--lung-masks DIR]
                     [--evaluate] [--folds 8] [--repeats 4] [--seed 0]
 
 Reads INPUT/data/mha/<PatientID>.mha and INPUT/metadata/reference.csv, extracts both
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from stoic_ct.cli import configure_logging
 from stoic_ct.errors import StoicError
-from stoic_ct.model_files import default_model_dir
+from stoic_ct.model_files import ENCODER_KINDS, default_model_dir
 from stoic_ct.precision import PRECISIONS
 
 logger = logging.getLogger("stoic_ct.train")
@@ -43,6 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="exact")
+    parser.add_argument("--encoder", choices=ENCODER_KINDS, default="vit")
     parser.add_argument(
         "--lung-masks",
         type=Path,
@@ -86,9 +87,14 @@ def train(args: argparse.Namespace) -> None:
     logger.info("%d scans in %s; models from %s", len(patients), args.input, model_dir)
     with_r231 = args.lung_masks is None
     model = Balaitous.from_model_dir(
-        model_dir, resolve_device(args.device), with_segmenter=with_r231, precision=args.precision
+        model_dir,
+        resolve_device(args.device),
+        with_segmenter=with_r231,
+        precision=args.precision,
+        encoder=args.encoder,
+        with_heads=False,
     )
-    key = encoder_key(model_dir, args.precision, with_r231=with_r231)
+    key = encoder_key(model_dir, args.precision, with_r231, args.encoder)
     table = extract(patients, model, args.scratch / "feature-cache", key, args.lung_masks)
     table.save(args.scratch / "features.npz")
     settings = FitSettings(seed=args.seed)

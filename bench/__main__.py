@@ -52,7 +52,9 @@ def phantom_path(name: str) -> Path:
             seed=7,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_phantom(make_phantom(spec), str(path), spec)
+        part = path.with_name(f".{path.name}")  # an interrupted write leaves no phantom behind
+        write_phantom(make_phantom(spec), str(part), spec)
+        part.replace(path)
     return path
 
 

@@ -8,6 +8,7 @@ Commands:
     random-weights  write randomly initialised model files in the published layouts
     extract-features  encoder features of every scan of a STOIC-layout cohort (cached, shardable)
     merge-features  merge the feature tables of several shards
+    inflate-convnext  make convnext3d.pth from 2D ConvNeXt weights (--encoder convnext3d)
     fit-heads       fit the four logistic regressions on a feature table: a new balaitous.npz
     install-heads   put fitted heads into a model folder (checked, MANIFEST updated)
     evaluate        nested cross-validated ROC-AUC of the heads, or a score of given predictions
@@ -28,11 +29,13 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from stoic_ct.convnext3d import SIZES as CONVNEXT_SIZES
 from stoic_ct.demographics import parse_age, resolve_demographics
 from stoic_ct.errors import StoicError
 from stoic_ct.fetch import INDEX_URL, ZENODO_URL
 from stoic_ct.imageio import image_stem, read_scan
-from stoic_ct.model_files import R231, REPOSITORY_MODEL_DIR, default_model_dir
+from stoic_ct.inflation import INFLATIONS, NORMALISATIONS
+from stoic_ct.model_files import ENCODER_KINDS, R231, REPOSITORY_MODEL_DIR, default_model_dir
 from stoic_ct.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -84,6 +87,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "cpu", "cuda"),
         default="auto",
         help="where to run the networks (default: auto, a GPU when there is one)",
+    )
+    parser.add_argument(
+        "--encoder",
+        choices=ENCODER_KINDS,
+        default="vit",
+        help="vit: the published Balaitous encoders (default); convnext3d: the 3D ConvNeXt "
+        "of convnext3d.pth with the heads of convnext3d_heads.npz",
     )
 
 
@@ -300,6 +310,47 @@ def _training_parsers(commands: argparse._SubParsersAction[argparse.ArgumentPars
     fit.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
     _fit_arguments(fit)
 
+    inflate = commands.add_parser(
+        "inflate-convnext",
+        help="make convnext3d.pth: a 3D ConvNeXt inflated from 2D ConvNeXt weights",
+        description="Inflate a 2D ConvNeXt checkpoint (the official release's, with its "
+        "'model' key, or timm's) into the 3D ConvNeXt of Kienzle et al. and write it for "
+        "--encoder convnext3d. The RGB stem is summed to one channel; the 2D head is "
+        "dropped. See stoic_ct/inflation.py for the kernel layouts and normalisations.",
+    )
+    inflate.add_argument(
+        "checkpoint", type=Path, nargs="?", metavar="CHECKPOINT_2D", help="2D ConvNeXt weights"
+    )
+    inflate.add_argument(
+        "--out", type=Path, required=True, help="file to write (model/convnext3d.pth)"
+    )
+    inflate.add_argument("--size", choices=list(CONVNEXT_SIZES), default="tiny")
+    inflate.add_argument(
+        "--inflation",
+        choices=INFLATIONS,
+        default="full",
+        help="full: copies along depth (default); 1g: Gaussian-weighted copies; 2g: two "
+        "orthogonal Gaussian-weighted planes",
+    )
+    inflate.add_argument(
+        "--normalisation",
+        choices=NORMALISATIONS,
+        default="sum",
+        help="sum: keep each kernel's sum, so that the 3D network reproduces the 2D one on "
+        "volumes constant in depth (default, as the published code); l2: keep its L2 norm "
+        "(as the paper's text)",
+    )
+    inflate.add_argument(
+        "--input-size", type=int, default=224, help="the cube the volume is resized to (224)"
+    )
+    inflate.add_argument(
+        "--random",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="no checkpoint: a randomly initialised 3D ConvNeXt (for tests and setup checks)",
+    )
+
     install = commands.add_parser(
         "install-heads",
         help="put fitted heads into a model folder",
@@ -377,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return evaluate(args)
         if args.command == "install-heads":
             return install_heads(args)
+        if args.command == "inflate-convnext":
+            return inflate_convnext(args)
     except StoicError as error:
         logger.error("%s", error)
         return 1
@@ -407,6 +460,7 @@ def predict(args: argparse.Namespace) -> int:
         with_segmenter=args.lung_mask is None,
         batch_size=args.batch_size,
         precision=args.precision,
+        encoder=args.encoder,
     )
     logger.info(
         "models loaded from %s on %s in %.1f s", model_dir, device, time.perf_counter() - started
@@ -578,8 +632,10 @@ def extract_features(args: argparse.Namespace) -> int:
         with_segmenter=args.lung_masks is None,
         batch_size=args.batch_size,
         precision=args.precision,
+        encoder=args.encoder,
+        with_heads=False,
     )
-    key = encoder_key(model_dir, args.precision, with_r231=args.lung_masks is None)
+    key = encoder_key(model_dir, args.precision, args.lung_masks is None, args.encoder)
     cache = args.cache or args.out.parent / ".feature-cache"
     table = extract(patients, model, cache, key, masks_dir=args.lung_masks)
     table = replace(table, provenance=table.provenance | {"shard": f"{index}/{count}"})
@@ -618,13 +674,47 @@ def fit_heads(args: argparse.Namespace) -> int:
     """The `fit-heads` command."""
     from stoic_ct.features import FeatureTable
     from stoic_ct.training import fit_heads as fit
-    from stoic_ct.training import heads_document, to_logistic_heads, write_heads
+    from stoic_ct.training import heads_document, report_name, to_logistic_heads, write_heads
 
     table = FeatureTable.load(args.features)
     settings = _fit_settings(args)
     fits = fit(table, settings)
-    path = write_heads(args.out, to_logistic_heads(fits), heads_document(fits, table, settings))
-    logger.info("wrote %s and %s", path, path.with_name("heads.json"))
+    document = heads_document(fits, table, settings)
+    path = write_heads(args.out, to_logistic_heads(fits), document)
+    logger.info("wrote %s and %s", path, path.with_name(report_name(document["data"]["encoder"])))
+    return 0
+
+
+def inflate_convnext(args: argparse.Namespace) -> int:
+    """The `inflate-convnext` command."""
+    import torch
+
+    from stoic_ct.convnext3d import ConvNeXt3D, save_convnext3d
+    from stoic_ct.inflation import inflate_convnext as inflate
+    from stoic_ct.inflation import load_2d_checkpoint
+
+    if (args.checkpoint is None) == (args.random is None):
+        raise StoicError("give a 2D CHECKPOINT, or --random SEED, not both")
+    if args.input_size < 32:
+        raise StoicError(f"--input-size must be at least 32, not {args.input_size}")
+    if args.random is not None:
+        torch.manual_seed(args.random)
+        model = ConvNeXt3D(args.size)
+        about = {"source": f"random initialisation, seed {args.random}"}
+        logger.warning("%s: RANDOM weights, for tests and setup checks only", args.out)
+    else:
+        model = ConvNeXt3D(args.size)
+        state = inflate(
+            load_2d_checkpoint(args.checkpoint), model, args.inflation, args.normalisation
+        )
+        model.load_state_dict(state, strict=True)
+        about = {
+            "source": args.checkpoint.name,
+            "inflation": args.inflation,
+            "normalisation": args.normalisation,
+        }
+    save_convnext3d(args.out, model, args.size, args.input_size, **about)
+    logger.info("wrote %s (ConvNeXt3D %s, input %d^3)", args.out, args.size, args.input_size)
     return 0
 
 

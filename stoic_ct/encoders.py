@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from stoic_ct.checkpoints import release_file_pages
+from stoic_ct.convnext3d import ConvNeXt3D
+from stoic_ct.convnext_preprocessing import to_cube
 from stoic_ct.precision import check_precision, int8_linear, numerics
 from stoic_ct.vit import VisionTransformer
 
@@ -87,3 +89,39 @@ class SliceEncoder:
     def _release(self) -> None:
         if self.weights is not None:
             release_file_pages(self._mapped, self.weights)
+
+
+class VolumeEncoder:
+    """A frozen 3D ConvNeXt on a device: a slice stack, as a volume, to one feature.
+
+    It takes what the ViT encoders take, the (224, 224, Z) stack cropped around the lungs
+    (masked or not), and sees it whole: windowed, resized with a cubic spline to
+    `input_size` cubed, pooled to one (D,) feature.
+    """
+
+    def __init__(
+        self,
+        model: ConvNeXt3D,
+        device: torch.device,
+        input_size: int,
+        precision: str = "exact",
+    ) -> None:
+        self.dim = model.feature_dim
+        self.device, self.precision = device, check_precision(precision)
+        self.input_size = input_size
+        if device.type == "cpu" and precision == "fast":
+            self.model: nn.Module = int8_linear(model)
+        else:
+            self.model = model.to(device)
+
+    @torch.inference_mode()
+    def __call__(self, slices: np.ndarray) -> np.ndarray:
+        """(H, W, Z) HU, Z >= 1 -> (D,) float64 feature."""
+        if slices.ndim != 3 or slices.shape[2] == 0:
+            raise ValueError(f"expected (H, W, Z) slices with Z >= 1, not shape {slices.shape}")
+        hu = torch.from_numpy(np.ascontiguousarray(slices.transpose(2, 0, 1))).to(self.device)
+        cube = to_cube(hu, self.input_size, HU_WINDOW)
+        with numerics(self.device, self.precision):
+            feature = self.model(cube[None, None]).to(torch.float64)
+        out: np.ndarray = feature[0].cpu().numpy()
+        return out

@@ -182,21 +182,25 @@ class Encoder(Protocol):
     def encode(self, volume: Volume, lung_labels: Volume | None = None) -> Encoded: ...
 
 
-def encoder_key(model_dir: Path, precision: str, with_r231: bool) -> dict[str, Any]:
+def encoder_key(
+    model_dir: Path, precision: str, with_r231: bool, encoder: str = "vit"
+) -> dict[str, Any]:
     """What the features depend on besides the scan: the model files' sha256, the precision.
 
     Returns:
-        {"encoder_key": hex digest, "model_files": {name: sha256}, "precision": ...}.
+        {"encoder_key": hex digest, "model_files": {name: sha256}, "precision": ...,
+        "encoder": "vit" or "convnext3d"}.
     """
     files = ModelFiles(model_dir)
-    paths = [files.vit_ct, files.vit_imagenet] + ([files.r231] if with_r231 else [])
+    encoders = [files.convnext3d] if encoder == "convnext3d" else [files.vit_ct, files.vit_imagenet]
+    paths = encoders + ([files.r231] if with_r231 else [])
     started = time.perf_counter()
     digests = {p.name: sha256_of(p) for p in paths}
     logger.info("hashed the model files in %.1f s", time.perf_counter() - started)
     key = hashlib.sha256(
         json.dumps({"files": digests, "precision": precision}, sort_keys=True).encode()
     ).hexdigest()
-    return {"encoder_key": key, "model_files": digests, "precision": precision}
+    return {"encoder_key": key, "model_files": digests, "precision": precision, "encoder": encoder}
 
 
 def find_mask(masks_dir: Path, patient: str) -> Path:

@@ -63,6 +63,29 @@ HEADS = ModelFileSpec(
 )
 ALL_FILES = (VIT_CT, VIT_IMAGENET, R231, HEADS)
 
+# The 3D ConvNeXt encoder (Kienzle et al.), made locally from published 2D weights, and
+# heads fitted on its features. Not part of the published Balaitous model.
+CONVNEXT3D = ModelFileSpec(
+    "convnext3d.pth",
+    "a 3D ConvNeXt written by `python -m stoic_ct inflate-convnext` ({'size', 'input_size', "
+    "'inflation', 'normalisation', 'state_dict'})",
+    "made locally with inflate-convnext from the official 2D ConvNeXt weights, e.g. "
+    "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",
+    "MIT (ConvNeXt weights)",
+)
+CONVNEXT_HEADS = ModelFileSpec(
+    "convnext3d_heads.npz",
+    "logistic regressions on 3D ConvNeXt features (the keys of balaitous.npz)",
+    "made locally with `python -m stoic_ct fit-heads` on features of --encoder convnext3d",
+    "yours",
+)
+ENCODER_KINDS = ("vit", "convnext3d")
+
+
+def heads_spec(encoder: str) -> ModelFileSpec:
+    """The heads file that goes with the encoder kind: balaitous.npz for the ViTs."""
+    return CONVNEXT_HEADS if encoder == "convnext3d" else HEADS
+
 
 def default_model_dir(container_dir: Path = CONTAINER_MODEL_DIR) -> Path:
     """Where the model files are when no folder is given.
@@ -113,6 +136,10 @@ class ModelFiles:
     @property
     def heads(self) -> Path:
         return self.path(HEADS)
+
+    @property
+    def convnext3d(self) -> Path:
+        return self.path(CONVNEXT3D)
 
     @property
     def random_recipe(self) -> str | None:

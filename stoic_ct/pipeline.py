@@ -10,11 +10,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from stoic_ct.checkpoints import check_r231_weights
+from stoic_ct.convnext3d import load_convnext3d
 from stoic_ct.cropping import (
     InPlaneCrop,
     clean_lung_mask,
@@ -24,17 +26,19 @@ from stoic_ct.cropping import (
     to_slice_layout,
 )
 from stoic_ct.demographics import Demographics
-from stoic_ct.encoders import SliceEncoder
+from stoic_ct.encoders import SliceEncoder, VolumeEncoder
 from stoic_ct.errors import ModelFileError, StoicError
 from stoic_ct.heads import LogisticHeads, Probabilities
 from stoic_ct.lung_segmentation import LungSegmenter, R231Segmenter, labels_from_mask_image
 from stoic_ct.model_files import (
+    ENCODER_KINDS,
     HEADS,
     R231,
     VIT_CT,
     VIT_IMAGENET,
     ModelFiles,
     ModelFileSpec,
+    heads_spec,
     problem,
 )
 from stoic_ct.resampling import resample
@@ -85,6 +89,14 @@ def prepare_slices(volume: Volume, labels: np.ndarray) -> SliceStack:
         )
         return SliceStack(image, mask, slice(0, image.shape[2]), crop, lung_found=False)
     return SliceStack(image, mask, kept, crop, lung_found=True)
+
+
+class Encoder(Protocol):
+    """A frozen encoder: (H, W, Z) HU slices -> (D,) feature."""
+
+    dim: int
+
+    def __call__(self, slices: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -145,13 +157,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Balaitous:
-    """The Balaïtous model: lung segmenter, two ViT encoders and four logistic heads on a device."""
+    """The Balaïtous model: lung segmenter, two encoders and four logistic heads on a device.
+
+    The encoders are the published ViTs, or a 3D ConvNeXt (`encoder="convnext3d"`) seeing
+    the same crops whole; the heads are the ones fitted on that encoder's features.
+    """
 
     def __init__(
         self,
-        full: SliceEncoder,
-        lung: SliceEncoder,
-        heads: LogisticHeads,
+        full: Encoder,
+        lung: Encoder,
+        heads: LogisticHeads | None,
         segmenter: LungSegmenter | None,
     ) -> None:
         self.full, self.lung, self.heads, self.segmenter = full, lung, heads, segmenter
@@ -166,18 +182,24 @@ class Balaitous:
         with_segmenter: bool = True,
         batch_size: int | None = None,
         precision: str = "exact",
+        encoder: str = "vit",
+        with_heads: bool = True,
     ) -> Balaitous:
         """Load every model from `model_dir` (never from the network).
 
         Args:
             segmenter: used instead of the R231 U-Net when given.
             with_segmenter: False to skip the U-Net, for runs that bring their own masks.
-            batch_size: slices per encoder batch (default: 32 on a GPU, 16 on a CPU).
+            batch_size: slices per ViT batch (default: 32 on a GPU, 16 on a CPU).
             precision: "exact" (the published numbers) or "fast" (see stoic_ct.precision).
+            encoder: "vit" (the published model) or "convnext3d" (convnext3d.pth).
+            with_heads: False to load no heads, for feature extraction before fitting them.
 
         Raises:
             ModelFileError: when a file is missing or malformed, or the files do not fit together.
         """
+        if encoder not in ENCODER_KINDS:
+            raise StoicError(f"encoder must be one of {', '.join(ENCODER_KINDS)}, not {encoder!r}")
         files = ModelFiles(model_dir)
         if files.are_random:
             logger.warning(
@@ -185,23 +207,34 @@ class Balaitous:
                 "and mean nothing; see model/README.md for the real files",
                 model_dir,
             )
-        heads = LogisticHeads.load(files.heads)
-        encoders = {}
-        for name, spec, path, blocks in (
-            ("full", VIT_CT, files.vit_ct, FULL_ENCODER_BLOCKS),
-            ("lung", VIT_IMAGENET, files.vit_imagenet, LUNG_ENCODER_BLOCKS),
-        ):
-            vit = load_vit(path, spec, blocks)
-            if vit.config.embed_dim != heads.feature_dim:
+        spec = heads_spec(encoder)
+        heads = LogisticHeads.load(files.path(spec)) if with_heads else None
+        encoders: dict[str, Encoder] = {}
+        if encoder == "convnext3d":
+            convnext, input_size = load_convnext3d(files.convnext3d)
+            shared = VolumeEncoder(convnext, device, input_size, precision)
+            encoders = {"full": shared, "lung": shared}
+            sources = {"full": files.convnext3d, "lung": files.convnext3d}
+        else:
+            sources = {"full": files.vit_ct, "lung": files.vit_imagenet}
+            for name, vit_spec, blocks in (
+                ("full", VIT_CT, FULL_ENCODER_BLOCKS),
+                ("lung", VIT_IMAGENET, LUNG_ENCODER_BLOCKS),
+            ):
+                vit = load_vit(sources[name], vit_spec, blocks)
+                encoders[name] = SliceEncoder(
+                    vit, device, batch_size, precision, weights=sources[name]
+                )
+        for name, source in sources.items():
+            if heads is not None and encoders[name].dim != heads.feature_dim:
                 raise ModelFileError(
                     problem(
-                        HEADS,
-                        f"its heads take {heads.feature_dim} features but {spec.name} gives "
-                        f"{vit.config.embed_dim}: the files do not belong together",
+                        spec,
+                        f"its heads take {heads.feature_dim} features but {source.name} gives "
+                        f"{encoders[name].dim}: the files do not belong together",
                     ),
-                    files.heads,
+                    files.path(spec),
                 )
-            encoders[name] = SliceEncoder(vit, device, batch_size, precision, weights=path)
         if segmenter is None and with_segmenter:
             segmenter = R231Segmenter(files.r231, device, precision=precision)
         return cls(encoders["full"], encoders["lung"], heads, segmenter)
@@ -253,6 +286,8 @@ class Balaitous:
         Raises:
             InputError: as `encode`.
         """
+        if self.heads is None:
+            raise StoicError("no heads are loaded: this model only extracts features")
         encoded = self.encode(volume, lung_labels)
         started = time.perf_counter()
         probabilities = self.heads(

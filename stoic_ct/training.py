@@ -29,14 +29,17 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from stoic_ct.atomic import atomic_write
+from stoic_ct.convnext3d import load_convnext3d
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.features import FeatureTable, labelled
 from stoic_ct.heads import ENCODERS, TASKS, LogisticHeads
 from stoic_ct.model_files import (
-    HEADS,
+    CONVNEXT3D,
+    CONVNEXT_HEADS,
     R231,
     VIT_CT,
     VIT_IMAGENET,
+    heads_spec,
     read_manifest,
     sha256_of,
     write_manifest,
@@ -284,6 +287,11 @@ def fit_report(fits: dict[str, TaskFit], settings: FitSettings) -> dict[str, Any
 HEADS_REPORT = "heads.json"
 
 
+def report_name(encoder: str) -> str:
+    """heads.json beside balaitous.npz; convnext3d_heads.json beside convnext3d_heads.npz."""
+    return "convnext3d_heads.json" if encoder == "convnext3d" else HEADS_REPORT
+
+
 def heads_document(
     fits: dict[str, TaskFit], table: FeatureTable, settings: FitSettings
 ) -> dict[str, Any]:
@@ -296,6 +304,7 @@ def heads_document(
             "encoder_key": table.provenance.get("encoder_key"),
             "model_files": dict(table.provenance.get("model_files", {})),
             "precision": table.provenance.get("precision"),
+            "encoder": table.provenance.get("encoder", "vit"),
             "lung_masks": table.provenance.get("lung_masks"),
             "extraction_failures": len(table.provenance.get("failures", [])),
         },
@@ -319,30 +328,36 @@ def write_heads(
         ModelFileError: when `out_dir` holds encoder files other than the features'.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    vit_ct, vit_imagenet, r231 = (out_dir / spec.name for spec in (VIT_CT, VIT_IMAGENET, R231))
+    encoder = document.get("data", {}).get("encoder", "vit")
+    specs = (CONVNEXT3D,) if encoder == "convnext3d" else (VIT_CT, VIT_IMAGENET)
+    encoder_files = [out_dir / spec.name for spec in specs]
     recorded = document.get("data", {}).get("model_files", {})
-    for path in (vit_ct, vit_imagenet):
+    for path in encoder_files:
         if path.exists() and path.name in recorded and sha256_of(path) != recorded[path.name]:
             raise ModelFileError(
                 "is not the file the heads' features were extracted with (sha256 differs): "
                 "the heads would be wrong with it; write them to another folder",
                 path,
             )
-    if vit_ct.exists():
-        dim = load_vit(vit_ct, VIT_CT, depth=1).config.embed_dim
+    if encoder_files[0].exists():
+        dim = (
+            load_convnext3d(encoder_files[0])[0].feature_dim
+            if encoder == "convnext3d"
+            else load_vit(encoder_files[0], VIT_CT, depth=1).config.embed_dim
+        )
         if dim != heads.feature_dim:
             raise ModelFileError(
                 f"gives features of length {dim}, but the heads take {heads.feature_dim}",
-                vit_ct,
+                encoder_files[0],
             )
-    heads_path = heads.save(out_dir / HEADS.name)
+    heads_path = heads.save(out_dir / heads_spec(encoder).name)
     text = json.dumps(document, indent=1) + "\n"
-    atomic_write(out_dir / HEADS_REPORT, lambda f: f.write(text.encode()))
+    atomic_write(out_dir / report_name(encoder), lambda f: f.write(text.encode()))
     manifest = read_manifest(out_dir)
     if manifest:
-        manifest[HEADS.name] = sha256_of(heads_path)
+        manifest[heads_path.name] = sha256_of(heads_path)
         write_manifest(out_dir, manifest)
-    missing = [p.name for p in (vit_ct, vit_imagenet, r231) if not p.exists()]
+    missing = [p.name for p in (*encoder_files, out_dir / R231.name) if not p.exists()]
     if missing and expect_model_files:
         logger.warning(
             "%s has no %s: copy them there (the files the features came from) before using "
@@ -354,18 +369,21 @@ def write_heads(
 
 
 def install_heads(source: Path, model_dir: Path) -> Path:
-    """Copy fitted heads (balaitous.npz and heads.json of `source`) into a model folder.
+    """Copy fitted heads (balaitous.npz and heads.json of `source`, or the convnext3d_
+    ones) into a model folder.
 
-    The heads must take the encoders' feature length; when heads.json records the
+    The heads must take the encoders' feature length; when the report records the
     encoder files' sha256, they must match the folder's. The MANIFEST is updated.
 
     Raises:
         ModelFileError: when the heads cannot be read or do not fit the folder's encoders.
     """
-    heads = LogisticHeads.load(source / HEADS.name)
-    report = source / HEADS_REPORT
+    encoder = "convnext3d" if (source / CONVNEXT_HEADS.name).exists() else "vit"
+    heads = LogisticHeads.load(source / heads_spec(encoder).name)
+    report = source / report_name(encoder)
     document = json.loads(report.read_text(encoding="utf-8")) if report.exists() else {}
     dim = document.get("data", {}).get("feature_dim")
     if dim is not None and dim != heads.feature_dim:
         raise ModelFileError(f"records features of length {dim}, not {heads.feature_dim}", report)
+    document.setdefault("data", {}).setdefault("encoder", encoder)
     return write_heads(model_dir, heads, document)
