@@ -25,10 +25,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stoic_ct.cli import configure_logging
+from stoic_ct.cli import add_model_arguments, configure_logging
 from stoic_ct.errors import StoicError
-from stoic_ct.model_files import ENCODER_KINDS, default_model_dir
-from stoic_ct.precision import PRECISIONS
+from stoic_ct.model_files import default_model_dir
 
 logger = logging.getLogger("stoic_ct.train")
 
@@ -40,10 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", type=Path, default=Path("/input"))
     parser.add_argument("--output", type=Path, default=Path("/output"))
     parser.add_argument("--scratch", type=Path, default=Path("/scratch"))
-    parser.add_argument("--model-dir", type=Path, default=None)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="exact")
-    parser.add_argument("--encoder", choices=ENCODER_KINDS, default="vit")
+    add_model_arguments(parser)
     parser.add_argument(
         "--lung-masks",
         type=Path,

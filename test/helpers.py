@@ -14,6 +14,9 @@ from stoic_ct.vit import ViTConfig
 # 24 blocks so that both encoders can be built from it; 64 channels keep it fast on a CPU.
 TINY_VIT = ViTConfig(embed_dim=64, depth=24, num_heads=1, mlp_hidden=128)
 
+# Three axial slices at 5 mm keep the random R231 U-Net to a few seconds on a CPU.
+THIN_PHANTOM = PhantomSpec(size=(64, 56, 3), spacing=(5.6, 5.6, 5.0), origin=(-180, -150, -5))
+
 # Small phantoms that still span the 224 crop on one axis and pad the other.
 SMALL_PHANTOM = PhantomSpec(size=(96, 80, 16), spacing=(3.6, 3.0, 6.0), origin=(-170, -120, -48))
 
@@ -80,3 +83,42 @@ def mapped_ranges(path: Path) -> list[tuple[int, int]]:
 def resident_bytes(path: Path) -> int:
     """Bytes of this process's mappings of `path` that are in memory."""
     return _smaps_of(path)[1]
+
+
+def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") -> None:
+    """process.py, in a subprocess on a thin phantom, gives what the pipeline built in this
+    process from `model_dir`'s files gives (within 1e-6): it loaded those files."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from stoic_ct.demographics import resolve_demographics
+    from stoic_ct.imageio import read_scan
+    from stoic_ct.pipeline import Balaitous
+
+    image = write_case(work / "input", THIN_PHANTOM)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent.parent / "process.py"),
+            *("--input", str(work / "input"), "--output", str(work / "output")),
+            *("--model-dir", str(model_dir), "--device", "cpu", "--encoder", encoder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    scan = read_scan(image)
+    demographics = resolve_demographics(
+        [("header", scan.header.get("PatientAge"))], [("header", scan.header.get("PatientSex"))]
+    )
+    model = Balaitous.from_model_dir(model_dir, torch.device("cpu"), encoder=encoder)
+    expected = model.predict(scan.volume, demographics).probabilities
+    for name, value in (
+        ("probability-covid-19.json", expected.covid),
+        ("probability-severe-covid-19.json", expected.severe),
+    ):
+        assert abs(json.loads((work / "output" / name).read_text()) - value) <= 1e-6, name

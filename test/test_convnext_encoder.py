@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +13,14 @@ import torch
 from test_inflation import official_2d_state
 
 import process
-from helpers import write_case
+from helpers import assert_process_py_uses
 from stoic_ct.cli import main as cli
 from stoic_ct.convnext3d import load_convnext3d
-from stoic_ct.demographics import resolve_demographics
 from stoic_ct.encoders import VolumeEncoder
 from stoic_ct.errors import ModelFileError
 from stoic_ct.features import FeatureTable
-from stoic_ct.imageio import read_scan
-from stoic_ct.phantom import PhantomSpec
-from stoic_ct.pipeline import Balaitous
 
 REPOSITORY = Path(process.__file__).resolve().parent
-THIN_PHANTOM = PhantomSpec(size=(64, 56, 3), spacing=(5.6, 5.6, 5.0), origin=(-180, -150, -5))
 
 
 @pytest.fixture(scope="module")
@@ -111,27 +104,4 @@ def test_convnext_features_heads_and_process_py(
     assert report["data"]["encoder"] == "convnext3d"
     assert not (convnext_model_dir / "heads.json").exists()  # the ViT heads' report untouched
 
-    write_case(tmp_path / "input", THIN_PHANTOM)
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPOSITORY / "process.py"),
-            "--input",
-            str(tmp_path / "input"),
-            "--output",
-            str(tmp_path / "output"),
-            *common,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    scan = read_scan(next((tmp_path / "input" / "images" / "ct").iterdir()))
-    demographics = resolve_demographics(
-        [("header", scan.header.get("PatientAge"))], [("header", scan.header.get("PatientSex"))]
-    )
-    model = Balaitous.from_model_dir(convnext_model_dir, torch.device("cpu"), encoder="convnext3d")
-    expected = model.predict(scan.volume, demographics).probabilities
-    covid = json.loads((tmp_path / "output" / "probability-covid-19.json").read_text())
-    assert covid == pytest.approx(expected.covid, abs=1e-6)
+    assert_process_py_uses(convnext_model_dir, tmp_path, encoder="convnext3d")

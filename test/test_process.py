@@ -16,15 +16,12 @@ import torch
 from fileserver import Route, serving
 
 import process
-from helpers import SMALL_PHANTOM, contained, write_case, write_image
+from helpers import SMALL_PHANTOM, THIN_PHANTOM, contained, write_case, write_image
 from stoic_ct.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for
 from stoic_ct.imageio import read_scan
-from stoic_ct.phantom import PhantomSpec
 from stoic_ct.pipeline import Balaitous
 
 REPOSITORY = Path(process.__file__).resolve().parent
-# Three axial slices at 5 mm keep the random R231 U-Net to a few seconds on a CPU.
-THIN_PHANTOM = PhantomSpec(size=(64, 56, 3), spacing=(5.6, 5.6, 5.0), origin=(-180, -150, -5))
 
 
 @pytest.fixture

@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import train
-from helpers import write_case
+from helpers import assert_process_py_uses
 from stoic_ct.cli import main as cli
-from stoic_ct.demographics import resolve_demographics
 from stoic_ct.features import FeatureTable
-from stoic_ct.imageio import read_scan
-from stoic_ct.phantom import PhantomSpec, write_phantom_cohort
-from stoic_ct.pipeline import Balaitous
+from stoic_ct.phantom import write_phantom_cohort
 
 REPOSITORY = Path(train.__file__).resolve().parent
 FAST_EVALUATION = ["--folds", "4", "--repeats", "2", "--inner-folds", "3"]
-# Three axial slices keep the random R231 U-Net of process.py to a few seconds.
-THIN_PHANTOM = PhantomSpec(size=(64, 56, 3), spacing=(5.6, 5.6, 5.0), origin=(-180, -150, -5))
 
 
 @pytest.fixture(scope="module")
@@ -72,36 +64,7 @@ def test_the_chain_learns_and_process_py_uses_the_new_heads(
     for task in ("covid", "severe"):
         assert report["tasks"][task]["heads"]["combined"]["auc"] > 0.9, task
 
-    write_case(tmp_path / "input", THIN_PHANTOM)
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPOSITORY / "process.py"),
-            "--input",
-            str(tmp_path / "input"),
-            "--output",
-            str(tmp_path / "output"),
-            "--model-dir",
-            str(model_dir),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    scan = read_scan(next((tmp_path / "input" / "images" / "ct").iterdir()))
-    demographics = resolve_demographics(
-        [("header", scan.header.get("PatientAge"))], [("header", scan.header.get("PatientSex"))]
-    )
-    expected = Balaitous.from_model_dir(model_dir, torch.device("cpu")).predict(
-        scan.volume, demographics
-    )
-    covid = json.loads((tmp_path / "output" / "probability-covid-19.json").read_text())
-    severe = json.loads((tmp_path / "output" / "probability-severe-covid-19.json").read_text())
-    assert covid == pytest.approx(expected.probabilities.covid, abs=1e-6)
-    assert severe == pytest.approx(expected.probabilities.severe, abs=1e-6)
+    assert_process_py_uses(model_dir, tmp_path)
 
 
 def test_two_shards_merged_equal_one_run(
