@@ -605,7 +605,7 @@ def random_weights(args: argparse.Namespace) -> int:
 
 def extract_features(args: argparse.Namespace) -> int:
     """The `extract-features` command; 1 when some scans failed (the table holds the rest)."""
-    from stoic_ct.cohort import parse_shard, read_cohort, shard
+    from stoic_ct.cohort import UNKNOWN, parse_shard, read_cohort, shard
     from stoic_ct.features import encoder_key, extract
     from stoic_ct.pipeline import Balaitous, resolve_device
 
@@ -614,7 +614,7 @@ def extract_features(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise StoicError(f"--shard: {error}") from None
     patients = shard(read_cohort(args.data_dir), index, count)
-    labelled = sum(1 for p in patients if p.covid != -1)
+    labelled = sum(1 for p in patients if p.covid != UNKNOWN)
     logger.info(
         "%d scans in shard %d/%d of %s, %d of them in the reference",
         len(patients),

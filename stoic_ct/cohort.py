@@ -13,6 +13,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from stoic_ct.errors import InputError
 
 REFERENCE_COLUMNS = ("PatientID", "probCOVID", "probSevere")
@@ -27,6 +29,19 @@ class Patient:
     image: Path
     covid: int = UNKNOWN
     severe: int = UNKNOWN
+
+
+def task_rows(covid: np.ndarray, severe: np.ndarray, task: str) -> np.ndarray:
+    """(N,) bool: the patients a task is fitted and scored on (the STOIC rule).
+
+    covid: every patient with a COVID label; severe: the COVID-positive patients with a
+    severity label.
+    """
+    if task == "covid":
+        return np.asarray(covid != UNKNOWN)
+    if task == "severe":
+        return np.asarray((covid == 1) & (severe != UNKNOWN))
+    raise ValueError(f"unknown task {task!r}")
 
 
 def read_reference(path: Path) -> dict[str, tuple[int, int]]:

@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
-from stoic_ct.cohort import UNKNOWN, read_reference
+from stoic_ct.cohort import read_reference, task_rows
 from stoic_ct.errors import InputError
 from stoic_ct.features import FeatureTable, labelled
 from stoic_ct.heads import TASKS
@@ -51,6 +51,7 @@ class Score:
     high: float
     patients: int
     positives: int
+    per_repeat: tuple[float, ...] = ()
 
 
 def auc_with_interval(
@@ -65,7 +66,7 @@ def auc_with_interval(
     """
     y = np.asarray(y, dtype=int)
     runs = np.atleast_2d(p)
-    auc = float(np.mean([roc_auc_score(y, run) for run in runs]))
+    per_repeat = tuple(float(roc_auc_score(y, run)) for run in runs)
     rng = np.random.default_rng(seed)
     positive, negative = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     aucs = []
@@ -79,7 +80,8 @@ def auc_with_interval(
         ]
         aucs.append(np.mean(u, axis=0) / (len(positive) * len(negative)))
     low, high = np.percentile(np.concatenate(aucs), [2.5, 97.5])
-    return Score(auc, float(low), float(high), len(y), len(positive))
+    auc = float(np.mean(per_repeat))
+    return Score(auc, float(low), float(high), len(y), len(positive), per_repeat)
 
 
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
@@ -243,8 +245,8 @@ def score_predictions(predictions: Path, reference: Path) -> dict[str, TaskResul
     severe = np.array([labels[i][1] for i in ids])
     results = {}
     for task, rows, y, column in (
-        ("covid", covid != UNKNOWN, covid, 0),
-        ("severe", (covid == 1) & (severe != UNKNOWN), severe, 1),
+        ("covid", task_rows(covid, severe, "covid"), covid, 0),
+        ("severe", task_rows(covid, severe, "severe"), severe, 1),
     ):
         p = np.array([given[i][column] for i in ids[rows]])
         positives = int(y[rows].sum())
@@ -267,7 +269,7 @@ def report(
         heads = {}
         for head, runs in result.predictions.items():
             score = auc_with_interval(result.y, runs, seed=seed)
-            repeats = [float(roc_auc_score(result.y, run)) for run in runs]
+            repeats = list(score.per_repeat)
             heads[head] = {
                 "auc": score.auc,
                 "ci95": [score.low, score.high],

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
-from stoic_ct.cohort import UNKNOWN, Patient
+from stoic_ct.cohort import Patient, task_rows
 from stoic_ct.demographics import Demographics, resolve_demographics
 from stoic_ct.errors import InputError, StoicError
 from stoic_ct.imageio import read_scan
@@ -388,8 +388,4 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def labelled(table: FeatureTable, task: str) -> np.ndarray:
     """Rows usable for `task`: covid, every labelled patient; severe, the COVID-positive
     ones with a severity label (the STOIC rule)."""
-    if task == "covid":
-        return np.asarray(table.covid != UNKNOWN)
-    if task == "severe":
-        return np.asarray((table.covid == 1) & (table.severe != UNKNOWN))
-    raise ValueError(f"unknown task {task!r}")
+    return task_rows(table.covid, table.severe, task)
