@@ -6,6 +6,7 @@ and /input/patient-sex.json (else the image header, else the defaults), and writ
 
 Local use:
     python process.py --input test/input --output /tmp/out [--model-dir DIR] [--device cpu]
+        [--model balaitous|convnext3d|ensemble]
 """
 
 from __future__ import annotations
@@ -38,17 +39,18 @@ from stoic_ct.contract import (
 from stoic_ct.errors import StoicError
 from stoic_ct.heads import Probabilities
 from stoic_ct.imageio import Scan, read_scan, scan_from_image
-from stoic_ct.model_files import default_model_dir
-from stoic_ct.pipeline import Balaitous, resolve_device
+from stoic_ct.model_files import MODEL_KINDS, default_model_dir
+from stoic_ct.pipeline import resolve_device
+from stoic_ct.systems import System, load_system
 
 logger = logging.getLogger("stoic_ct.process")
 
 
 class StoicAlgorithm(Algorithm):  # type: ignore[misc]
-    """evalutils' load -> validate -> process_cases -> save, around the Balaïtous model."""
+    """evalutils' load -> validate -> process_cases -> save, around one of the systems."""
 
     def __init__(
-        self, *, input_dir: Path, output_dir: Path, model: Balaitous | Future[Balaitous]
+        self, *, input_dir: Path, output_dir: Path, model: System | Future[System]
     ) -> None:
         """`model` may still be loading (a Future): the image is read meanwhile."""
         super().__init__(
@@ -60,7 +62,7 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
         self.scans: dict[int, Scan] = {}
 
     @property
-    def model(self) -> Balaitous:
+    def model(self) -> System:
         """The loaded model, waiting for it if it is still loading."""
         if isinstance(self._model, Future):
             self._model = self._model.result()
@@ -128,6 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--output", type=Path, default=OUTPUT_DIR, help="output folder (default /output)"
     )
     add_model_arguments(parser)
+    parser.add_argument(
+        "--model",
+        choices=MODEL_KINDS,
+        default="balaitous",
+        help="balaitous: the published model (default); convnext3d: the fine-tuned 3D "
+        "ConvNeXt fold ensembles (convnext3d_covid.pth, convnext3d_severe.pth); ensemble: "
+        "both, averaged with the weights of ensemble.json",
+    )
     args = parser.parse_args(argv)
     configure_logging()
     started = time.perf_counter()
@@ -135,12 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         model_dir = args.model_dir or default_model_dir()
 
-        def load() -> Balaitous:
-            model = Balaitous.from_model_dir(
-                model_dir, device, precision=args.precision, encoder=args.encoder
+        def load() -> System:
+            model = load_system(
+                args.model, model_dir, device, precision=args.precision, encoder=args.encoder
             )
             logger.info(
-                "models loaded from %s on %s (torch %s, %s precision) in %.1f s",
+                "%s loaded from %s on %s (torch %s, %s precision) in %.1f s",
+                args.model,
                 model_dir,
                 device,
                 torch.__version__,

@@ -12,6 +12,8 @@ Commands:
     fit-heads       fit the four logistic regressions on a feature table: a new balaitous.npz
     install-heads   put fitted heads into a model folder (checked, MANIFEST updated)
     evaluate        nested cross-validated ROC-AUC of the heads, or a score of given predictions
+    pretrain        pretrain the 3D ConvNeXt: lesion segmentation, or multitask with pseudo-labels
+    finetune        fine-tune the 3D ConvNeXt end to end, k folds: convnext3d_<task>.pth
 """
 
 from __future__ import annotations
@@ -247,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     random.add_argument("--seed", type=int, default=0)
     _training_parsers(commands)
+    _convnext_training_parsers(commands)
     return parser
 
 
@@ -393,6 +396,105 @@ def _training_parsers(commands: argparse._SubParsersAction[argparse.ArgumentPars
     _fit_arguments(evaluate)
 
 
+def _convnext_training_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """finetune and pretrain."""
+    from stoic_ct.augmentation import AUGMENTATIONS
+    from stoic_ct.cubes import TASKS
+    from stoic_ct.finetuning import FinetuneSettings
+    from stoic_ct.pretraining import MODES, PretrainSettings
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune the 3D ConvNeXt end to end (k folds): convnext3d_<task>.pth",
+        description="Fine-tune a 3D ConvNeXt on DATA_DIR (STOIC layout) as Kienzle et al.: "
+        "stratified k-fold cross-validation, AdamW, cross-entropy balanced by the training "
+        "fold's class frequencies, their 3D augmentation, an EMA of the weights (validated, "
+        "kept, shipped), the best epoch by ROC-AUC (macro F1 for severity4), float16 on a "
+        "GPU. Writes OUT/fold-K/ (checkpoints, metrics.csv, learning-curves.png), "
+        "OUT/oof.csv, OUT/finetune.json and OUT/convnext3d_<task>.pth, the fold ensemble "
+        "that process.py --model convnext3d reads from the model folder. Start from "
+        "--init: inflate-convnext's ImageNet weights or pretrain's pretrained.pth.",
+    )
+    defaults = FinetuneSettings()
+    finetune.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    finetune.add_argument("--out", type=Path, required=True, help="run folder")
+    finetune.add_argument(
+        "--task",
+        choices=TASKS,
+        default=defaults.task,
+        help="covid (every labelled patient), severe (COVID-positive patients, the STOIC "
+        "rule), severity4 (the `severity` column, grades 1-4 of COV19-CT-DB)",
+    )
+    finetune.add_argument("--folds", type=int, default=defaults.folds, help="default 5")
+    finetune.add_argument("--epochs", type=int, default=defaults.epochs, help="default 30")
+    _convnext_training_arguments(finetune, defaults.batch_size, defaults.lr, AUGMENTATIONS)
+    finetune.add_argument(
+        "--resume", action="store_true", help="continue the run in --out where it stopped"
+    )
+
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="pretrain the 3D ConvNeXt (lesion segmentation or multitask): pretrained.pth",
+        description="Pretrain a 3D ConvNeXt for `finetune --init`: segmentation of the "
+        "lesion masks DATA_DIR/data/lesions/<PatientID>.mha (UperNet-style head, Dice + "
+        "cross-entropy), or multitask: COVID-19 classification plus segmentation of "
+        "pseudo-labels made by a segmentation-pretrained model (--pseudo-labels-from). A "
+        "fifth of the patients is held out to pick the best epoch. Writes OUT/pretrained.pth.",
+    )
+    pre = PretrainSettings()
+    pretrain.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    pretrain.add_argument("--out", type=Path, required=True, help="run folder")
+    pretrain.add_argument("--mode", choices=MODES, default=pre.mode, help="default segmentation")
+    pretrain.add_argument("--epochs", type=int, default=pre.epochs, help="default 30")
+    pretrain.add_argument(
+        "--pseudo-labels-from",
+        type=Path,
+        default=None,
+        metavar="PRETRAINED",
+        help="multitask: the pretrained.pth of a segmentation run, to make the lesion "
+        "masks with (default: the masks in DATA_DIR/data/lesions)",
+    )
+    _convnext_training_arguments(pretrain, pre.batch_size, pre.lr, AUGMENTATIONS)
+
+
+def _convnext_training_arguments(
+    parser: argparse.ArgumentParser, batch_size: int, lr: float, augmentations: Sequence[str]
+) -> None:
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="CONVNEXT3D",
+        help="encoder to start from (inflate-convnext's file or pretrain's pretrained.pth); "
+        "default: random initialisation",
+    )
+    parser.add_argument(
+        "--size", choices=tuple(CONVNEXT_SIZES), default="tiny", help="default tiny"
+    )
+    parser.add_argument("--input-size", type=int, default=224, help="cube side (default 224)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
+    parser.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate ({lr:g})")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="default 0.05")
+    parser.add_argument("--ema", type=float, default=0.99, help="EMA decay (default 0.99)")
+    parser.add_argument("--drop-path", type=float, default=0.1, help="default 0.1")
+    parser.add_argument(
+        "--augment",
+        choices=augmentations,
+        default="paper",
+        help="paper: Kienzle et al.'s (default); orientation: flips and 90-degree turns "
+        "only (small cohorts); none",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="folds, order, augmentation")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="cube cache folder (default OUT/cubes)"
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto"
+    )
+
+
 def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inner-folds",
@@ -430,6 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return install_heads(args)
         if args.command == "inflate-convnext":
             return inflate_convnext(args)
+        if args.command == "finetune":
+            return finetune(args)
+        if args.command == "pretrain":
+            return pretrain(args)
     except StoicError as error:
         logger.error("%s", error)
         return 1
@@ -713,7 +819,7 @@ def inflate_convnext(args: argparse.Namespace) -> int:
             "inflation": args.inflation,
             "normalisation": args.normalisation,
         }
-    save_convnext3d(args.out, model, args.size, args.input_size, **about)
+    save_convnext3d(args.out, model, args.size, args.input_size, about)
     logger.info("wrote %s (ConvNeXt3D %s, input %d^3)", args.out, args.size, args.input_size)
     return 0
 
@@ -764,4 +870,103 @@ def evaluate(args: argparse.Namespace) -> int:
             low, high = score["ci95"]
             print(f"{task}\t{head}\tAUC {score['auc']:.3f}\t95% CI {low:.3f}-{high:.3f}")
     logger.info("report written to %s", args.out)
+    return 0
+
+
+def finetune(args: argparse.Namespace) -> int:
+    """The `finetune` command."""
+    from stoic_ct.cubes import task_patients
+    from stoic_ct.finetuning import FinetuneSettings
+    from stoic_ct.finetuning import finetune as run
+    from stoic_ct.pipeline import resolve_device
+
+    if args.init is not None and not args.init.exists():
+        raise StoicError("is missing (--init)", args.init)
+    try:
+        settings = FinetuneSettings(
+            task=args.task,
+            size=args.size,
+            input_size=args.input_size,
+            folds=args.folds,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            ema_decay=args.ema,
+            drop_path=args.drop_path,
+            augment=args.augment,
+            seed=args.seed,
+            init=None if args.init is None else str(args.init.resolve()),
+        )
+    except ValueError as error:
+        raise StoicError(str(error)) from None
+    if args.init is None:
+        logger.warning("no --init: the ConvNeXt starts from random weights")
+    patients, labels = task_patients(args.data_dir, args.task)
+    logger.info(
+        "%s task: %d patients (%s) from %s",
+        args.task,
+        len(patients),
+        " / ".join(str(int((labels == c).sum())) for c in range(int(labels.max()) + 1)),
+        args.data_dir,
+    )
+    result = run(
+        patients,
+        labels,
+        settings,
+        args.out,
+        device=resolve_device(args.device),
+        cache_dir=args.cache,
+        resume=args.resume,
+    )
+    print(f"{args.task}: out-of-fold metric {result.metric:.4f}; wrote {result.ensemble}")
+    return 0
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    """The `pretrain` command."""
+    from stoic_ct.cohort import read_cohort
+    from stoic_ct.cubes import LESION_DIR, task_patients
+    from stoic_ct.pipeline import resolve_device
+    from stoic_ct.pretraining import PretrainSettings
+    from stoic_ct.pretraining import pretrain as run
+
+    for path in (args.init, args.pseudo_labels_from):
+        if path is not None and not path.exists():
+            raise StoicError("is missing", path)
+    try:
+        settings = PretrainSettings(
+            mode=args.mode,
+            size=args.size,
+            input_size=args.input_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            ema_decay=args.ema,
+            drop_path=args.drop_path,
+            augment=args.augment,
+            seed=args.seed,
+            init=None if args.init is None else str(args.init.resolve()),
+            pseudo_labels_from=None
+            if args.pseudo_labels_from is None
+            else str(args.pseudo_labels_from.resolve()),
+        )
+    except ValueError as error:
+        raise StoicError(str(error)) from None
+    lesions = args.data_dir / LESION_DIR
+    if args.mode == "multitask":
+        patients, labels = task_patients(args.data_dir, "covid")
+    else:
+        patients, labels = read_cohort(args.data_dir), None
+    path = run(
+        patients,
+        labels,
+        settings,
+        args.out,
+        device=resolve_device(args.device),
+        lesion_dir=lesions if lesions.is_dir() else None,
+        cache_dir=args.cache,
+    )
+    print(f"wrote {path}")
     return 0

@@ -4,7 +4,9 @@
     DATA_DIR/metadata/reference.csv      PatientID,probCOVID,probSevere   (0 or 1)
 
 This is the layout of the STOIC2021 final-phase training container (`/input`). Age and
-sex come from each scan's header, as at inference time.
+sex come from each scan's header, as at inference time. An optional `severity` column
+holds COV19-CT-DB's four grades (1 mild, 2 moderate, 3 severe, 4 critical) for the
+4-class task; lesion masks for segmentation pretraining lie in DATA_DIR/data/lesions/.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 from stoic_ct.errors import InputError
 
 REFERENCE_COLUMNS = ("PatientID", "probCOVID", "probSevere")
+GRADE_COLUMN = "severity"
+GRADES = ("mild", "moderate", "severe", "critical")
 UNKNOWN = -1  # a label the reference does not give
 
 
@@ -77,6 +81,39 @@ def read_reference(path: Path) -> dict[str, tuple[int, int]]:
     except UnicodeDecodeError:
         raise InputError("is not a UTF-8 text file", path) from None
     return labels
+
+
+def read_grades(path: Path) -> dict[str, int]:
+    """PatientID -> severity grade as a class index 0-3, for rows whose `severity` is set.
+
+    Raises:
+        InputError: naming the file and line when the column is missing or a grade is not
+            1, 2, 3 or 4.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if GRADE_COLUMN not in (reader.fieldnames or []) or "PatientID" not in (
+                reader.fieldnames or []
+            ):
+                raise InputError(
+                    f"lacks the columns PatientID and {GRADE_COLUMN} (grades 1-4: "
+                    f"{', '.join(GRADES)}) that the severity4 task needs",
+                    path,
+                )
+            grades = {}
+            for line, row in enumerate(reader, start=2):
+                text = (row[GRADE_COLUMN] or "").strip()
+                if not text:
+                    continue
+                if text not in ("1", "2", "3", "4"):
+                    raise InputError(
+                        f"line {line}: {GRADE_COLUMN} is {text!r}; expected 1, 2, 3 or 4", path
+                    )
+                grades[(row["PatientID"] or "").strip()] = int(text) - 1
+    except OSError as error:
+        raise InputError(f"cannot be read ({error.strerror or error})", path) from None
+    return grades
 
 
 def _label(text: str | None, column: str, line: int, path: Path) -> int:

@@ -6,6 +6,12 @@ LayerNorm -> Linear(d, 4d) -> GELU -> Linear(4d, d) -> layer scale -> drop path,
 Module names follow the official 2D ConvNeXt (`downsample_layers`, `stages.i.j.dwconv`,
 ...), so that inflated official checkpoints load without renaming.
 
+The input is a CT windowed to [0, 1] (stoic_ct.convnext_preprocessing); the model
+standardises it first with ImageNet's grey-level statistics (the mean of the RGB means
+and standard deviations), as the inflated 2D stem was trained on standardised images.
+Without it a randomly initialised stem cannot see intensity at all: a channel LayerNorm
+after a bias-free convolution is blind to the scale of a positive, uniform patch.
+
 The model splits into `stages` (four feature maps, for a segmentation head), `pool`
 (global average and LayerNorm: the frozen-encoder feature) and `head` (a Linear layer,
 absent when `num_classes` is 0): the frozen encoder is the same class without its head.
@@ -23,6 +29,8 @@ from torch import nn
 from stoic_ct.atomic import atomic_write
 from stoic_ct.errors import ModelFileError
 from stoic_ct.model_files import CONVNEXT3D, problem
+
+INPUT_MEAN, INPUT_STD = 0.449, 0.226  # means of ImageNet's (0.485, 0.456, 0.406), (0.229, ...)
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,7 @@ class ConvNeXt3D(nn.Module):
         super().__init__()
         if size not in SIZES:
             raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
-        self.size = SIZES[size]
+        self.size, self.size_name = SIZES[size], size
         depths, dims = self.size.depths, self.size.dims
         self.downsample_layers = nn.ModuleList(
             [
@@ -147,7 +155,8 @@ class ConvNeXt3D(nn.Module):
         return self.size.dims[-1]
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(N, 1, D, H, W) -> the four stages' maps, at 1/4, 1/8, 1/16 and 1/32 resolution."""
+        """(N, 1, D, H, W) in [0, 1] -> the four stages' maps, at 1/4, 1/8, 1/16, 1/32 scale."""
+        x = (x - INPUT_MEAN) / INPUT_STD
         outputs = []
         for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = stage(downsample(x))
@@ -254,13 +263,23 @@ class ConvNeXt3DSegmenter(nn.Module):
 
 
 def save_convnext3d(
-    path: Path, model: ConvNeXt3D, size: str, input_size: int, **about: str
+    path: Path,
+    model: ConvNeXt3D,
+    size: str,
+    input_size: int,
+    about: dict[str, str] | None = None,
+    segmentation_head: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the encoder's file: its size, input size, how it was made, and its weights."""
+    """Write the encoder's file: its size, input size, how it was made, and its weights.
+
+    A segmentation-pretrained encoder keeps its head's weights too (`segmentation_head`),
+    so that it can make pseudo-labels; loaders of the encoder ignore them.
+    """
     checkpoint: dict[str, object] = {
         "size": size,
         "input_size": input_size,
-        **about,
+        **(about or {}),
+        **({"segmentation_head": segmentation_head} if segmentation_head is not None else {}),
         "state_dict": {k: v for k, v in model.state_dict().items() if not k.startswith("head.")},
     }
     return atomic_write(path, lambda f: torch.save(checkpoint, f))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
@@ -64,8 +65,35 @@ def prepare_volume(
         mask: optional (z, y, x) bool lung mask on the same grid; voxels outside are set to
             air (the window's low end) before the resize.
     """
-    hu = torch.as_tensor(np.asarray(volume.voxels), device=device).to(torch.float32)
+    hu = torch.tensor(np.asarray(volume.voxels), dtype=torch.float32, device=device)
     if mask is not None:
         air = torch.tensor(window[0], device=device)
         hu = torch.where(torch.as_tensor(mask, device=device), hu, air)
     return to_cube(hu, size, window)[None, None]
+
+
+def canonical(volume: Volume) -> Volume:
+    """The volume turned (axis permutations and flips only, no interpolation) to LPS.
+
+    The fine-tuned classifier sees every scan in one orientation, whatever its header says.
+    """
+    return Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), "LPS"))
+
+
+def classifier_input(
+    volume: Volume,
+    size: int,
+    window: tuple[float, float] = DEFAULT_WINDOW,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """(1, size, size, size) float32 in [0, 1]: the whole scan, canonical, windowed, resized.
+
+    What the fine-tuned ConvNeXt takes, in training (cached) and at inference alike.
+    """
+    return prepare_volume(canonical(volume), device or torch.device("cpu"), size, window)[0]
+
+
+def label_cube(labels: Volume, size: int) -> torch.Tensor:
+    """(1, size, size, size) uint8 from a 0/1 mask on the scan grid, moved as the scan is."""
+    mask = torch.as_tensor(np.asarray(canonical(labels).voxels) > 0).to(torch.float32)
+    return (resize_cubic(mask, (size, size, size)) > 0.5).to(torch.uint8)[None]

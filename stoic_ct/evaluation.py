@@ -28,7 +28,7 @@ from stoic_ct.errors import InputError
 from stoic_ct.features import FeatureTable, labelled
 from stoic_ct.heads import TASKS
 from stoic_ct.imageio import image_stem
-from stoic_ct.plots import Panel, Series, unit_square_panels
+from stoic_ct.plots import Panel, Series, line_panels
 from stoic_ct.training import FitSettings, fit_task, fold_count
 
 logger = logging.getLogger(__name__)
@@ -341,5 +341,5 @@ def _plots(results: dict[str, TaskResult], out_dir: Path) -> None:
                 ],
             )
         )
-    unit_square_panels(roc, out_dir / "roc.png")
-    unit_square_panels(calibrated, out_dir / "calibration.png")
+    line_panels(roc, out_dir / "roc.png")
+    line_panels(calibrated, out_dir / "calibration.png")

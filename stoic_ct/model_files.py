@@ -81,6 +81,30 @@ CONVNEXT_HEADS = ModelFileSpec(
 )
 ENCODER_KINDS = ("vit", "convnext3d")
 
+# The fine-tuned 3D ConvNeXt classifiers (`finetune`): each holds every fold's EMA weights,
+# and `process.py --model convnext3d` averages the folds' softmax outputs.
+CONVNEXT_COVID = ModelFileSpec(
+    "convnext3d_covid.pth",
+    "the fold ensemble of a 3D ConvNeXt fine-tuned for COVID-19 (written by `finetune --task "
+    "covid`)",
+    "made locally with `python -m stoic_ct finetune DATA_DIR --task covid`",
+    "yours (the ConvNeXt weights it started from: MIT)",
+)
+CONVNEXT_SEVERE = ModelFileSpec(
+    "convnext3d_severe.pth",
+    "the fold ensemble of a 3D ConvNeXt fine-tuned for severe COVID-19 (`finetune --task severe`)",
+    "made locally with `python -m stoic_ct finetune DATA_DIR --task severe`",
+    "yours (the ConvNeXt weights it started from: MIT)",
+)
+ENSEMBLE_WEIGHTS = ModelFileSpec(
+    "ensemble.json",
+    'the weights of `--model ensemble`: {"covid": {"balaitous": w, "convnext3d": w}, '
+    '"severe": {...}}',
+    "nowhere: you write it (README, 'The fine-tuned 3D ConvNeXt')",
+    "yours",
+)
+MODEL_KINDS = ("balaitous", "convnext3d", "ensemble")
+
 
 def heads_spec(encoder: str) -> ModelFileSpec:
     """The heads file that goes with the encoder kind: balaitous.npz for the ViTs."""

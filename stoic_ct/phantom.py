@@ -50,6 +50,11 @@ class PhantomSpec:
 
 def make_phantom(spec: PhantomSpec) -> Volume:
     """Draw the phantom: (z, y, x) voxels of `spec.dtype` in HU with `spec`'s geometry."""
+    return make_phantom_with_lesions(spec)[0]
+
+
+def make_phantom_with_lesions(spec: PhantomSpec) -> tuple[Volume, np.ndarray]:
+    """The phantom and its (z, y, x) uint8 lesion mask (1 where a lesion was drawn)."""
     rng = np.random.default_rng(spec.seed)
     nx, ny, nz = spec.size
     direction = np.asarray(spec.direction, dtype=float).reshape(3, 3)
@@ -63,15 +68,18 @@ def make_phantom(spec: PhantomSpec) -> Volume:
     lesions = _lesions(rng, spec.lesion_burden, body, half)
 
     voxels = np.empty((nz, ny, nx), dtype=np.float32)
+    lesion_mask = np.zeros((nz, ny, nx), dtype=np.uint8)
     jj, ii = np.mgrid[0:ny, 0:nx]
     for k in range(nz):
         index = np.stack([ii, jj, np.full_like(ii, k)], axis=-1) * spacing
         p = origin + index @ direction.T - centre  # (ny, nx, 3) mm from the centre, LPS
         # Noise slice by slice: the same stream as one volume-sized draw, in less memory.
-        voxels[k] = _draw_slice(p, body, half, lesions) + rng.normal(0.0, spec.noise_hu, (ny, nx))
+        hu, lesion_mask[k] = _draw_slice(p, body, half, lesions)
+        voxels[k] = hu + rng.normal(0.0, spec.noise_hu, (ny, nx))
     if np.issubdtype(spec.dtype, np.integer):
         voxels = np.round(voxels)
-    return Volume(voxels.astype(spec.dtype), spec.spacing, spec.origin, spec.direction)
+    volume = Volume(voxels.astype(spec.dtype), spec.spacing, spec.origin, spec.direction)
+    return volume, lesion_mask
 
 
 def _lesions(
@@ -100,8 +108,8 @@ def _draw_slice(
     body: np.ndarray,
     half: np.ndarray,
     lesions: list[tuple[np.ndarray, float, float]],
-) -> np.ndarray:
-    """HU of one slice from (ny, nx, 3) LPS positions relative to the centre."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """HU and lesion mask of one slice from (ny, nx, 3) LPS positions relative to the centre."""
     x, y, z = p[..., 0], p[..., 1], p[..., 2]
     out = np.full(x.shape, AIR, dtype=np.float32)
     inside = (x / body[0]) ** 2 + (y / body[1]) ** 2
@@ -116,10 +124,13 @@ def _draw_slice(
     lung_any &= inside <= 0.7  # ribs and muscle all round
     out[lung_any] = LUNG
     z_low, z_high = float(z.min()), float(z.max())
+    lesion = np.zeros(x.shape, dtype=bool)
     for centre, radius, hu in lesions:
         if centre[2] + radius < z_low or centre[2] - radius > z_high:
             continue  # the sphere does not reach this slice
-        out[lung_any & (((p - centre) ** 2).sum(axis=-1) <= radius**2)] = hu
+        inside_lesion = lung_any & (((p - centre) ** 2).sum(axis=-1) <= radius**2)
+        out[inside_lesion] = hu
+        lesion |= inside_lesion
     heart = np.array([0.12 * body[0], -0.35 * body[1], -0.25 * half[2]])
     heart_semi = np.array([0.3 * body[0], 0.35 * body[1], 0.3 * half[2]])
     out[(((p - heart) / heart_semi) ** 2).sum(axis=-1) <= 1.0] = SOFT_TISSUE
@@ -127,7 +138,8 @@ def _draw_slice(
     out[spine <= 1.0] = BONE
     trachea = (x**2 + (y + 0.1 * body[1]) ** 2 <= 9.0**2) & (z > 0.2 * half[2])
     out[trachea & (inside <= 0.85)] = AIR
-    return out
+    lesion &= (out == GROUND_GLASS) | (out == CONSOLIDATION)  # heart, spine drawn over
+    return out, lesion.view(np.uint8)
 
 
 def write_phantom(volume: Volume, path: str, spec: PhantomSpec, compress: bool = True) -> None:
@@ -157,14 +169,20 @@ def write_phantom_cohort(
 
     Each patient gets a lesion burden drawn from [0, 0.35], an age from STOIC's bins and
     a sex. COVID-19 is positive when the burden exceeds 0.12; a COVID-positive patient is
-    severe when age + 100 x burden exceeds 85 (older and more affected patients). With
-    `shuffle_labels` the label rows are permuted across patients: nothing to learn.
+    severe when age + 100 x burden exceeds 85 (older and more affected patients). A
+    COVID-positive patient also gets a COV19-CT-DB-style grade 1-4 (mild to critical) by
+    burden (thresholds 0.17, 0.23, 0.29). With `shuffle_labels` the label rows are
+    permuted across patients: nothing to learn.
 
-    Writes DATA_DIR/data/mha/<PatientID>.mha and DATA_DIR/metadata/reference.csv.
+    Writes DATA_DIR/data/mha/<PatientID>.mha, the lesion masks DATA_DIR/data/lesions/
+    <PatientID>.mha (uint8, 1 = lesion) and DATA_DIR/metadata/reference.csv (columns
+    PatientID, probCOVID, probSevere, severity; severity empty when COVID-negative).
     """
     rng = np.random.default_rng(seed)
     scans = data_dir / "data" / "mha"
+    lesion_dir = data_dir / "data" / "lesions"
     scans.mkdir(parents=True, exist_ok=True)
+    lesion_dir.mkdir(parents=True, exist_ok=True)
     origin = tuple(-n * s / 2 for n, s in zip(size, spacing, strict=True))
     rows = []
     for index in range(patients):
@@ -181,15 +199,19 @@ def write_phantom_cohort(
             seed=seed * 100_003 + index,
         )
         patient = f"{1000 + index}"
-        write_phantom(make_phantom(spec), str(scans / f"{patient}.mha"), spec)
+        volume, lesions = make_phantom_with_lesions(spec)
+        write_phantom(volume, str(scans / f"{patient}.mha"), spec)
+        mask = Volume(lesions, volume.spacing, volume.origin, volume.direction)
+        sitk.WriteImage(mask.to_sitk(), str(lesion_dir / f"{patient}.mha"), useCompression=True)
         covid = int(burden > 0.12)
         severe = int(covid == 1 and age + 100 * burden > 85)
-        rows.append((patient, covid, severe))
-    labels = [(c, s) for _, c, s in rows]
+        grade = str(1 + int(np.searchsorted([0.17, 0.23, 0.29], burden))) if covid else ""
+        rows.append((patient, covid, severe, grade))
+    labels = [(c, s, g) for _, c, s, g in rows]
     if shuffle_labels:
         labels = [labels[i] for i in rng.permutation(len(labels))]
     (data_dir / "metadata").mkdir(parents=True, exist_ok=True)
-    lines = ["PatientID,probCOVID,probSevere"]
-    lines += [f"{p},{c},{s}" for (p, _, _), (c, s) in zip(rows, labels, strict=True)]
+    lines = ["PatientID,probCOVID,probSevere,severity"]
+    lines += [f"{row[0]},{c},{s},{g}" for row, (c, s, g) in zip(rows, labels, strict=True)]
     (data_dir / "metadata" / "reference.csv").write_text("\n".join(lines) + "\n")
     return data_dir

@@ -1,4 +1,4 @@
-"""Small line charts on the unit square (ROC and calibration curves), drawn with Pillow."""
+"""Small line charts drawn with Pillow: ROC and calibration curves, learning curves."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ GREY = (150, 150, 150)
 
 @dataclass(frozen=True)
 class Series:
-    """One curve: (K,) x and y in [0, 1]; `points` marks each point (for binned curves)."""
+    """One curve: (K,) x and y in the panel's ranges; `points` marks each point."""
 
     label: str
     x: np.ndarray
@@ -27,15 +27,30 @@ class Series:
 
 @dataclass(frozen=True)
 class Panel:
-    """One chart: axes from 0 to 1, the diagonal y = x dashed, a legend at the lower right."""
+    """One chart with a legend at the lower right.
+
+    By default the unit square with the diagonal y = x dashed (ROC, calibration).
+    """
 
     title: str
     x_label: str
     y_label: str
     series: Sequence[Series]
+    x_range: tuple[float, float] = (0.0, 1.0)
+    y_range: tuple[float, float] = (0.0, 1.0)
+    diagonal: bool = True
 
 
-def unit_square_panels(panels: Sequence[Panel], path: Path, side: int = 420) -> Path:
+def fitted_range(values: Sequence[float], floor: float | None = None) -> tuple[float, float]:
+    """(low, high) covering `values` with 5 % room, from `floor` when given (e.g. 0)."""
+    finite = [v for v in values if np.isfinite(v)]
+    low = floor if floor is not None else min(finite, default=0.0)
+    high = max(finite, default=1.0)
+    room = 0.05 * (high - low) if high > low else 1.0
+    return (low if floor is not None else low - room, high + room)
+
+
+def line_panels(panels: Sequence[Panel], path: Path, side: int = 420) -> Path:
     """Draw the panels side by side into a PNG at `path`."""
     margin_left, margin_bottom, margin_top, margin_right = 60, 50, 34, 16
     width = len(panels) * (side + margin_left + margin_right)
@@ -47,20 +62,29 @@ def unit_square_panels(panels: Sequence[Panel], path: Path, side: int = 420) -> 
         left = index * (side + margin_left + margin_right) + margin_left
         top = margin_top
 
-        def at(x: float, y: float, left: int = left, top: int = top) -> tuple[float, float]:
-            return left + x * side, top + (1.0 - y) * side
+        (x0, x1), (y0, y1) = panel.x_range, panel.y_range
 
-        draw.rectangle([at(0, 1), at(1, 0)], outline="black")
+        def at(
+            x: float, y: float, left: int = left, top: int = top, panel: Panel = panel
+        ) -> tuple[float, float]:
+            (x0, x1), (y0, y1) = panel.x_range, panel.y_range
+            return left + (x - x0) / (x1 - x0) * side, top + (1.0 - (y - y0) / (y1 - y0)) * side
+
+        draw.rectangle([at(x0, y1), at(x1, y0)], outline="black")
         for tick in np.linspace(0, 1, 5):
-            x, y = at(float(tick), 0)
+            x_tick, y_tick = x0 + tick * (x1 - x0), y0 + tick * (y1 - y0)
+            x, y = at(x_tick, y0)
             draw.line([(x, y), (x, y + 4)], fill="black")
-            draw.text((x, y + 6), f"{tick:g}", fill="black", font=font, anchor="mt")
-            x, y = at(0, float(tick))
+            draw.text((x, y + 6), f"{x_tick:.3g}", fill="black", font=font, anchor="mt")
+            x, y = at(x0, y_tick)
             draw.line([(x - 4, y), (x, y)], fill="black")
-            draw.text((x - 6, y), f"{tick:g}", fill="black", font=font, anchor="rm")
-        for step in range(0, 20, 2):  # the diagonal, dashed
-            draw.line([at(step / 20, step / 20), at((step + 1) / 20, (step + 1) / 20)], fill=GREY)
-        draw.text(at(0.5, 1), panel.title, fill="black", font=font, anchor="md")
+            draw.text((x - 6, y), f"{y_tick:.3g}", fill="black", font=font, anchor="rm")
+        if panel.diagonal:
+            for step in range(0, 20, 2):  # dashed
+                draw.line(
+                    [at(step / 20, step / 20), at((step + 1) / 20, (step + 1) / 20)], fill=GREY
+                )
+        draw.text(at((x0 + x1) / 2, y1), panel.title, fill="black", font=font, anchor="md")
         draw.text(
             (left + side / 2, top + side + 28), panel.x_label, fill="black", font=font, anchor="mt"
         )

@@ -1,0 +1,270 @@
+"""The training engine shared by `finetune` and `pretrain`: AdamW, EMA, AMP, resumable epochs.
+
+`Trainer` owns a network, its exponential moving average, the optimiser and the AMP scaler
+on one device. `fit` runs epochs with it and keeps, in one folder:
+
+    last.pt              everything needed to resume: the four states, history, best epoch
+    best.pt              the EMA weights of the best epoch (the ones used afterwards)
+    metrics.csv          one row per epoch
+    learning-curves.png  losses and the metric per epoch
+
+Each epoch draws its randomness from seeds fixed by (run seed, fold, epoch), and the
+checkpoint holds every state that carries over, so a run resumed from `last.pt` repeats
+an uninterrupted one exactly, epoch for epoch (on the same device and software).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from stoic_ct.atomic import atomic_write
+from stoic_ct.plots import Panel, Series, fitted_range, line_panels
+
+logger = logging.getLogger(__name__)
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, fold, epoch, sample...), stable across runs."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value * 6364136223846793005 + part + 1442695040888963407) % (1 << 63)
+    return value
+
+
+@dataclass(frozen=True)
+class OptimiserSettings:
+    """AdamW and EMA settings (Kienzle et al.: lr 5e-5, EMA 0.99-0.995).
+
+    Weight decay applies to weights of two or more dimensions only, not to biases, norms
+    or layer scales (as ConvNeXt's training recipe).
+    """
+
+    lr: float = 5e-5
+    weight_decay: float = 0.05
+    ema_decay: float = 0.99
+
+
+class Trainer:
+    """A network, its EMA copy, AdamW and the AMP scaler on one device."""
+
+    def __init__(self, model: nn.Module, device: torch.device, settings: OptimiserSettings):
+        self.device = device
+        self.model = model.to(device)
+        average = get_ema_multi_avg_fn(settings.ema_decay)  # type: ignore[no-untyped-call]
+        self.ema = AveragedModel(self.model, multi_avg_fn=average, use_buffers=True)
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": settings.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=settings.lr,
+        )
+        # Mixed precision on a GPU only: float16 autocast with a loss scaler (T4s have no bf16).
+        self.amp = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def autocast(self) -> torch.autocast:
+        """The context of forward passes: float16 autocast on a GPU, float32 otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
+
+    def step(self, compute_loss: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> float:
+        """One optimiser step on `compute_loss(model, *inputs)`, then the EMA update.
+
+        Returns the loss value.
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = compute_loss(self.model, *inputs)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss is {float(loss)}; lower --lr")
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.update_parameters(self.model)
+        return float(loss.detach())
+
+    @property
+    def averaged(self) -> nn.Module:
+        """The EMA network, in evaluation mode: what is validated and kept."""
+        module: nn.Module = self.ema.module
+        return module.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One validation pass: the loss, the metric that picks the best epoch, the outputs.
+
+    Attributes:
+        outputs: (N, C) what the network gave for the validation samples (probabilities).
+        extra: more numbers for the log (e.g. Dice), by name.
+    """
+
+    loss: float
+    metric: float
+    outputs: torch.Tensor
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """The best epoch (0-based), its metric and validation outputs, and every epoch's row."""
+
+    best_epoch: int
+    best_metric: float
+    best_outputs: torch.Tensor
+    history: list[dict[str, float]]
+
+
+def _better(metric: float, best: float | None) -> bool:
+    if math.isnan(metric):
+        return best is None
+    return best is None or math.isnan(best) or metric > best
+
+
+def fit(
+    trainer: Trainer,
+    *,
+    epochs: int,
+    train_epoch: Callable[[int], float],
+    evaluate: Callable[[nn.Module], Evaluation],
+    out_dir: Path,
+    metric_name: str,
+    title: str,
+) -> FitOutcome:
+    """Run epochs 0..epochs-1, resuming from out_dir/last.pt when it is there.
+
+    Args:
+        train_epoch: trains one epoch (given its 0-based number); returns the mean loss.
+        evaluate: validates the EMA network; a higher metric is better.
+        title: names the run in logs and on the learning-curve plot.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"epoch": -1, "metric": None, "outputs": torch.zeros(0)}
+    if (out_dir / LAST).exists():
+        state = torch.load(out_dir / LAST, map_location=trainer.device, weights_only=True)
+        trainer.load_state_dict(state["trainer"])
+        history, best = state["history"], state["best"]
+        logger.info("%s: resumed after epoch %d of %d", title, len(history), epochs)
+    for epoch in range(len(history), epochs):
+        started = time.perf_counter()
+        train_loss = train_epoch(epoch)
+        evaluation = evaluate(trainer.averaged)
+        row = {
+            "epoch": float(epoch + 1),
+            "train_loss": train_loss,
+            "val_loss": evaluation.loss,
+            metric_name: evaluation.metric,
+            **evaluation.extra,
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(row)
+        if _better(evaluation.metric, best["metric"]):
+            best = {
+                "epoch": epoch,
+                "metric": evaluation.metric,
+                "outputs": evaluation.outputs.cpu(),
+            }
+            _save(trainer.averaged.state_dict(), out_dir / BEST)
+        _save({"trainer": trainer.state_dict(), "history": history, "best": best}, out_dir / LAST)
+        write_metrics(history, out_dir, metric_name, title)
+        logger.info(
+            "%s epoch %d/%d: train loss %.4f, validation loss %.4f, %s %.4f%s (%.1f s)",
+            title,
+            epoch + 1,
+            epochs,
+            train_loss,
+            evaluation.loss,
+            metric_name,
+            evaluation.metric,
+            " (best)" if best["epoch"] == epoch else "",
+            row["seconds"],
+        )
+    if best["epoch"] < 0:
+        raise ValueError(f"{title}: no epoch was run (epochs = {epochs})")
+    return FitOutcome(int(best["epoch"]), float(best["metric"]), best["outputs"], history)
+
+
+def _save(value: object, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(value, f))
+
+
+def write_metrics(history: list[dict[str, float]], out_dir: Path, metric: str, title: str) -> None:
+    """metrics.csv (one row per epoch) and learning-curves.png (losses; the metric)."""
+    columns = list(history[0])
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: f"{v:.6g}" for k, v in row.items()})
+    atomic_write(out_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+    epochs = [row["epoch"] for row in history]
+    x_range = (0.0, max(max(epochs), 1.0))
+    losses = [row[k] for row in history for k in ("train_loss", "val_loss")]
+    metrics = [row[metric] for row in history]
+    line_panels(
+        [
+            Panel(
+                f"{title}: loss",
+                "epoch",
+                "loss",
+                [
+                    Series(
+                        "training",
+                        np.asarray(epochs),
+                        np.asarray([r["train_loss"] for r in history]),
+                    ),
+                    Series(
+                        "validation (EMA)",
+                        np.asarray(epochs),
+                        np.asarray([r["val_loss"] for r in history]),
+                    ),
+                ],
+                x_range,
+                fitted_range(losses, floor=0.0),
+                diagonal=False,
+            ),
+            Panel(
+                f"{title}: {metric}",
+                "epoch",
+                metric,
+                [Series(f"validation (EMA) {metric}", np.asarray(epochs), np.asarray(metrics))],
+                x_range,
+                fitted_range(metrics),
+                diagonal=False,
+            ),
+        ],
+        out_dir / "learning-curves.png",
+    )
