@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -873,6 +873,22 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _network_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings finetune and pretrain share, from `_convnext_training_arguments`."""
+    return {
+        "size": args.size,
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "ema_decay": args.ema,
+        "drop_path": args.drop_path,
+        "augment": args.augment,
+        "seed": args.seed,
+        "init": None if args.init is None else str(args.init.resolve()),
+    }
+
+
 def finetune(args: argparse.Namespace) -> int:
     """The `finetune` command."""
     from stoic_ct.cubes import task_patients
@@ -884,19 +900,7 @@ def finetune(args: argparse.Namespace) -> int:
         raise StoicError("is missing (--init)", args.init)
     try:
         settings = FinetuneSettings(
-            task=args.task,
-            size=args.size,
-            input_size=args.input_size,
-            folds=args.folds,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            ema_decay=args.ema,
-            drop_path=args.drop_path,
-            augment=args.augment,
-            seed=args.seed,
-            init=None if args.init is None else str(args.init.resolve()),
+            task=args.task, folds=args.folds, epochs=args.epochs, **_network_settings(args)
         )
     except ValueError as error:
         raise StoicError(str(error)) from None
@@ -937,17 +941,8 @@ def pretrain(args: argparse.Namespace) -> int:
     try:
         settings = PretrainSettings(
             mode=args.mode,
-            size=args.size,
-            input_size=args.input_size,
             epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            ema_decay=args.ema,
-            drop_path=args.drop_path,
-            augment=args.augment,
-            seed=args.seed,
-            init=None if args.init is None else str(args.init.resolve()),
+            **_network_settings(args),
             pseudo_labels_from=None
             if args.pseudo_labels_from is None
             else str(args.pseudo_labels_from.resolve()),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stoic_ct.atomic import atomic_write
-from stoic_ct.errors import ModelFileError
+from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.model_files import CONVNEXT3D, problem
 
 INPUT_MEAN, INPUT_STD = 0.449, 0.226  # means of ImageNet's (0.485, 0.456, 0.406), (0.229, ...)
@@ -314,3 +314,17 @@ def load_convnext3d(path: Path) -> tuple[ConvNeXt3D, int]:
         first = str(error).strip().splitlines()[:3]
         raise ModelFileError(problem(CONVNEXT3D, " ".join(first)[:300]), path) from None
     return model.eval().requires_grad_(False), input_size
+
+
+def load_encoder_of_size(path: Path, size: str) -> ConvNeXt3D:
+    """The encoder of `path` (as `load_convnext3d`), which must be a ConvNeXt-`size`.
+
+    Raises:
+        ModelFileError: when the file cannot be loaded; InputError when its size differs.
+    """
+    encoder, _ = load_convnext3d(path)
+    if encoder.size_name != size:
+        raise InputError(
+            f"holds a ConvNeXt-{encoder.size_name}, not the --size {size} asked for", path
+        )
+    return encoder

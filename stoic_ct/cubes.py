@@ -19,7 +19,9 @@ import torch
 from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
+from stoic_ct.augmentation import AUGMENTATIONS, Compose
 from stoic_ct.cohort import Patient, read_cohort, read_grades, task_rows
+from stoic_ct.convnext3d import SIZES
 from stoic_ct.convnext_preprocessing import DEFAULT_WINDOW, classifier_input, label_cube
 from stoic_ct.errors import InputError, StoicError
 from stoic_ct.imageio import read_scan
@@ -45,6 +47,36 @@ class Cube:
         if self.lesions is None:
             return image, None
         return image, torch.from_numpy(np.load(self.lesions))[None]
+
+
+def load_batch(
+    cubes: Sequence[Cube],
+    indices: Sequence[int],
+    device: torch.device,
+    augment: Compose | None = None,
+    seeds: Sequence[int] = (),
+    with_lesions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, 1, S, S, S) float32 images on `device`, and (B, S, S, S) lesion masks when asked.
+
+    With `augment`, each sample (and its mask) is augmented with its own seed from `seeds`.
+
+    Raises:
+        ValueError: when lesion masks are asked for and a cube has none cached.
+    """
+    images, masks = [], []
+    for n, index in enumerate(indices):
+        image, lesions = cubes[index].load()
+        if with_lesions and lesions is None:
+            raise ValueError(f"{cubes[index].patient}: no lesion mask was cached")
+        image = image.to(device, non_blocking=True)
+        mask = lesions.to(device) if with_lesions and lesions is not None else None
+        if augment is not None:
+            image, mask = augment(image, mask, seeds[n])
+        images.append(image)
+        if mask is not None:
+            masks.append(mask[0])
+    return torch.stack(images), torch.stack(masks) if with_lesions else None
 
 
 def task_patients(data_dir: Path, task: str) -> tuple[list[Patient], np.ndarray]:
@@ -75,6 +107,16 @@ def task_patients(data_dir: Path, task: str) -> tuple[list[Patient], np.ndarray]
     if not chosen:
         raise InputError(f"labels no scan of data/mha for the {task} task", reference)
     return chosen, labels
+
+
+def check_network_settings(size: str, input_size: int, augment: str) -> None:
+    """ValueError unless the ConvNeXt size, cube side and augmentation preset are valid."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
+    if input_size < 32 or input_size % 32:
+        raise ValueError(f"input size must be a multiple of 32, not {input_size}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {augment!r}")
 
 
 def save_array(path: Path, array: np.ndarray) -> None:

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,13 @@ from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
-from stoic_ct.augmentation import AUGMENTATIONS, Compose, augmentation
+from stoic_ct.augmentation import augmentation
 from stoic_ct.classifier import save_fold_ensemble
 from stoic_ct.cohort import GRADES, Patient
-from stoic_ct.convnext3d import SIZES, ConvNeXt3D, load_convnext3d
+from stoic_ct.convnext3d import ConvNeXt3D, load_encoder_of_size
 from stoic_ct.convnext_preprocessing import DEFAULT_WINDOW
-from stoic_ct.cubes import TASKS, Cube, cached_cubes
-from stoic_ct.errors import InputError, StoicError
+from stoic_ct.cubes import TASKS, Cube, cached_cubes, check_network_settings, load_batch
+from stoic_ct.errors import InputError
 from stoic_ct.trainer import BEST, Evaluation, OptimiserSettings, Trainer, fit, seed_of
 
 logger = logging.getLogger(__name__)
@@ -84,14 +84,7 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
-        if self.augment not in AUGMENTATIONS:
-            raise ValueError(
-                f"augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}"
-            )
-        if self.size not in SIZES:
-            raise ValueError(f"size must be one of {', '.join(SIZES)}, not {self.size!r}")
-        if self.input_size < 32 or self.input_size % 32:
-            raise ValueError(f"input size must be a multiple of 32, not {self.input_size}")
+        check_network_settings(self.size, self.input_size, self.augment)
         if self.folds < 2 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("folds must be >= 2, epochs and batch size >= 1")
 
@@ -130,13 +123,7 @@ def build_classifier(settings: FinetuneSettings, classes: int, init: Path | None
     model = ConvNeXt3D(settings.size, num_classes=classes, drop_path_rate=settings.drop_path)
     if init is None:
         return model
-    checkpoint = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
-    if isinstance(checkpoint, dict) and checkpoint.get("size") not in (None, settings.size):
-        raise InputError(
-            f"holds a ConvNeXt-{checkpoint['size']}, not the --size {settings.size} asked for",
-            init,
-        )
-    encoder, _ = load_convnext3d(init)
+    encoder = load_encoder_of_size(init, settings.size)
     missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
     if unexpected or set(missing) != {"head.weight", "head.bias"}:
         raise InputError(f"does not fit the classifier (missing {missing})", init)
@@ -178,43 +165,21 @@ def _start(out_dir: Path, settings: FinetuneSettings, resume: bool) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _batch(
-    cubes: Sequence[Cube],
-    indices: Sequence[int],
-    device: torch.device,
-    augment: Compose | None,
-    seeds: Sequence[int],
-) -> torch.Tensor:
-    """(B, 1, S, S, S) float32 on `device`, each sample augmented with its own seed."""
-    images = []
-    for index, seed in zip(indices, seeds, strict=True):
-        image, _ = cubes[index].load()
-        image = image.to(device, non_blocking=True)
-        if augment is not None:
-            image, _ = augment(image, None, seed)
-        images.append(image)
-    return torch.stack(images)
-
-
 @torch.inference_mode()
 def predict_cubes(
     model: torch.nn.Module,
     cubes: Sequence[Cube],
     device: torch.device,
     batch_size: int,
-    autocast: torch.autocast | None = None,
+    autocast: torch.autocast,
 ) -> torch.Tensor:
-    """(N, C) float32 logits of the cubes, no augmentation."""
+    """(N, C) float32 logits of the cubes, no augmentation, under `autocast`."""
     model.eval()
     outputs = []
     for start in range(0, len(cubes), batch_size):
-        chosen = range(start, min(start + batch_size, len(cubes)))
-        images = _batch(cubes, chosen, device, None, list(chosen))
-        if autocast is None:
+        images, _ = load_batch(cubes, range(start, min(start + batch_size, len(cubes))), device)
+        with autocast:
             outputs.append(model(images).float())
-        else:
-            with autocast:
-                outputs.append(model(images).float())
     return torch.cat(outputs).cpu()
 
 
@@ -280,7 +245,7 @@ def train_fold(
         )
         for batch in bar:
             seeds = [seed_of(settings.seed, fold, epoch, 2, i) for i in batch]
-            images = _batch(train_cubes, batch, device, augment, seeds)
+            images, _ = load_batch(train_cubes, batch, device, augment, seeds)
             loss = trainer.step(weighted_cross_entropy, images, train_labels[batch])
             total += loss * len(batch)
         return total / len(order)
@@ -414,10 +379,3 @@ def _write_oof(
     for patient, label, k, p in zip(patients, labels, fold, probabilities, strict=True):
         writer.writerow([patient.id, int(label), int(k) + 1, *(f"{v:.6f}" for v in p)])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-def with_init(settings: FinetuneSettings, init: Path | None) -> FinetuneSettings:
-    """The settings with `init` recorded as a resolved path (None: random initialisation)."""
-    if init is not None and not init.exists():
-        raise StoicError("is missing (--init)", init)
-    return replace(settings, init=None if init is None else str(init.resolve()))

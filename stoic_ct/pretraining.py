@@ -32,17 +32,17 @@ from torch import nn
 from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
-from stoic_ct.augmentation import AUGMENTATIONS, Compose, augmentation
+from stoic_ct.augmentation import Compose, augmentation
 from stoic_ct.cohort import Patient
 from stoic_ct.convnext3d import (
-    SIZES,
     ConvNeXt3D,
     ConvNeXt3DSegmenter,
     UperNetHead3D,
     load_convnext3d,
+    load_encoder_of_size,
     save_convnext3d,
 )
-from stoic_ct.cubes import Cube, cached_cubes, save_array
+from stoic_ct.cubes import Cube, cached_cubes, check_network_settings, load_batch, save_array
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.model_files import CONVNEXT3D, problem
 from stoic_ct.trainer import BEST, Evaluation, OptimiserSettings, Trainer, fit, seed_of
@@ -74,14 +74,7 @@ class PretrainSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.augment not in AUGMENTATIONS:
-            raise ValueError(
-                f"augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}"
-            )
-        if self.size not in SIZES:
-            raise ValueError(f"size must be one of {', '.join(SIZES)}, not {self.size!r}")
-        if self.input_size < 32 or self.input_size % 32:
-            raise ValueError(f"input size must be a multiple of 32, not {self.input_size}")
+        check_network_settings(self.size, self.input_size, self.augment)
 
 
 class MultiTaskConvNeXt(nn.Module):
@@ -146,13 +139,7 @@ def load_segmenter(path: Path) -> ConvNeXt3DSegmenter:
 def _backbone(settings: PretrainSettings) -> ConvNeXt3D:
     model = ConvNeXt3D(settings.size, drop_path_rate=settings.drop_path)
     if settings.init is not None:
-        encoder, _ = load_convnext3d(Path(settings.init))
-        if encoder.size_name != settings.size:
-            raise InputError(
-                f"holds a ConvNeXt-{encoder.size_name}, not the --size {settings.size} asked for",
-                settings.init,
-            )
-        model.load_state_dict(encoder.state_dict())
+        model.load_state_dict(load_encoder_of_size(Path(settings.init), settings.size).state_dict())
     return model
 
 
@@ -186,18 +173,9 @@ def _batch(
     seeds: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, S, S, S) images and (B, S, S, S) lesion masks, augmented alike when asked."""
-    images, masks = [], []
-    for n, index in enumerate(indices):
-        image, lesions = cubes[index].load()
-        if lesions is None:
-            raise ValueError(f"{cubes[index].patient}: no lesion mask was cached")
-        mask: torch.Tensor | None = lesions.to(device)
-        image = image.to(device)
-        if augment is not None:
-            image, mask = augment(image, mask, seeds[n])
-        images.append(image)
-        masks.append(lesions if mask is None else mask[0])
-    return torch.stack(images), torch.stack(masks)
+    images, masks = load_batch(cubes, indices, device, augment, seeds, with_lesions=True)
+    assert masks is not None  # load_batch gives masks when with_lesions is set
+    return images, masks
 
 
 def pretrain(
