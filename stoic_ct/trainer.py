@@ -4,7 +4,8 @@
 on one device. `fit` runs epochs with it and keeps, in one folder:
 
     last.pt              everything needed to resume: the four states, history, best epoch
-    best.pt              the EMA weights of the best epoch (the ones used afterwards)
+    best.pt              the EMA weights of the best epoch (highest metric, then lowest
+                         validation loss): the ones used afterwards
     metrics.csv          one row per epoch
     learning-curves.png  losses and the metric per epoch
 
@@ -94,7 +95,7 @@ class Trainer:
         with self.autocast():
             loss = compute_loss(self.model, *inputs)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss is {float(loss)}; lower --lr")
+            raise FloatingPointError(f"the training loss is {loss.item()}; lower --lr")
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -147,10 +148,19 @@ class FitOutcome:
     history: list[dict[str, float]]
 
 
-def _better(metric: float, best: float | None) -> bool:
-    if math.isnan(metric):
-        return best is None
-    return best is None or math.isnan(best) or metric > best
+def _better(evaluation: Evaluation, best: dict[str, Any]) -> bool:
+    """A higher metric wins; an equal one wins with a lower validation loss.
+
+    The tie-break matters on small validation sets, where the AUC reaches 1.0 early while
+    the outputs still sit near 0.5. A NaN metric counts as the lowest.
+    """
+    if best["metric"] is None:
+        return True
+
+    def rank(metric: float, loss: float) -> tuple[float, float]:
+        return (-math.inf if math.isnan(metric) else metric, -loss)
+
+    return rank(evaluation.metric, evaluation.loss) > rank(best["metric"], best["loss"])
 
 
 def fit(
@@ -191,10 +201,11 @@ def fit(
             "seconds": time.perf_counter() - started,
         }
         history.append(row)
-        if _better(evaluation.metric, best["metric"]):
+        if _better(evaluation, best):
             best = {
                 "epoch": epoch,
                 "metric": evaluation.metric,
+                "loss": evaluation.loss,
                 "outputs": evaluation.outputs.cpu(),
             }
             _save(trainer.averaged.state_dict(), out_dir / BEST)

@@ -20,18 +20,21 @@ from stoic_ct.phantom import write_phantom_cohort
 from stoic_ct.trainer import LAST
 
 CPU = torch.device("cpu")
-# A micro ConvNeXt on 64^3 cubes of the 48-phantom cohort: about a minute per run on 2 cores.
+# A micro ConvNeXt from random weights on 32^3 cubes of the 48-phantom cohort: two folds of
+# 24 training patients, 20 epochs of 6 steps, under a minute on 2 cores. At lr 3e-4 or more
+# this network collapses to a constant output; with 6 steps an epoch, augmentation slows
+# learning past the budget (it is tested in test_augmentation).
 LEARNING = FinetuneSettings(
     task="covid",
     size="micro",
-    input_size=64,
+    input_size=32,
     folds=2,
-    epochs=12,
+    epochs=20,
     batch_size=4,
-    lr=3e-4,
+    lr=1e-4,
     ema_decay=0.9,
     drop_path=0.0,
-    augment="orientation",
+    augment="none",
 )
 
 
@@ -53,7 +56,8 @@ def test_a_micro_convnext_learns_lesion_burden_on_the_cpu(
         cache_dir=cube_cache,
         progress=False,
     )
-    assert min(result.fold_metrics) > 0.85, result.fold_metrics
+    # Pooled out-of-fold: the folds' outputs must agree in scale, not only rank within a fold.
+    assert result.metric > 0.85, (result.metric, result.fold_metrics)
     assert np.isfinite(result.probabilities).all() and (result.fold >= 0).all()
     rows = list(csv.DictReader((tmp_path / "run" / "oof.csv").open()))
     assert [r["PatientID"] for r in rows] == [p.id for p in patients]
@@ -80,7 +84,7 @@ def test_shuffled_labels_teach_nothing(
         cache_dir=cube_cache,
         progress=False,
     )
-    assert abs(float(np.mean(result.fold_metrics)) - 0.5) < 0.3, result.fold_metrics
+    assert abs(result.metric - 0.5) < 0.2, (result.metric, result.fold_metrics)
 
 
 @pytest.fixture(scope="module")
