@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from bench.published import install_compose_for_balaitous
 from helpers import TINY_VIT, mapped_ranges, resident_bytes
 from stoic_ct.errors import ModelFileError
 from stoic_ct.model_files import VIT_CT, VIT_IMAGENET
+from stoic_ct.precision import int8_linear
 from stoic_ct.random_weights import random_vit_state_dict
 from stoic_ct.vit import VisionTransformer, ViTConfig, load_vit
 
@@ -133,3 +135,21 @@ def test_batch_independence() -> None:
         whole = model(x).numpy()
         single = np.concatenate([model(x[i : i + 1]).numpy() for i in range(4)])
     np.testing.assert_allclose(whole, single, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cls_only_last_block_gives_the_full_blocks_cls_token() -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(embed_dim=64, depth=2, num_heads=2, mlp_hidden=128))
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = model.eval().forward_features(x)
+        cls = model(x)
+        # The fast mode's int8 Linear layers quantise activations per call, so the CLS-only
+        # path rounds differently; it must stay as close to float32 as the full path.
+        int8 = copy.deepcopy(model)
+        int8_linear(int8)  # in place
+        cls_int8, full_int8 = int8(x), int8.forward_features(x)[:, 0]
+    torch.testing.assert_close(cls, full[:, 0], rtol=1e-5, atol=1e-6)
+    assert (full[:, 1] - full[:, 0]).abs().max() > 1e-3  # another token would not pass
+    error = (cls_int8 - cls).norm() / cls.norm()
+    assert 0 < error <= 1.1 * (full_int8 - cls).norm() / cls.norm()
