@@ -160,7 +160,9 @@ def _better(evaluation: Evaluation, best: dict[str, Any]) -> bool:
     def rank(metric: float, loss: float) -> tuple[float, float]:
         return (-math.inf if math.isnan(metric) else metric, -loss)
 
-    return rank(evaluation.metric, evaluation.loss) > rank(best["metric"], best["loss"])
+    # last.pt files written before the tie-break hold no loss: their best then wins ties.
+    before = rank(best["metric"], best.get("loss", -math.inf))
+    return rank(evaluation.metric, evaluation.loss) > before
 
 
 def fit(

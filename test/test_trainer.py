@@ -101,3 +101,13 @@ def test_seeds_are_stable_and_distinct() -> None:
     assert seed_of(0, 1, 2) == seed_of(0, 1, 2)
     assert len({seed_of(0, f, e) for f in range(5) for e in range(50)}) == 250
     assert 0 <= seed_of(2**40, 7) < 2**63
+
+
+def test_a_last_pt_from_before_the_tie_break_resumes(tmp_path: Path) -> None:
+    assert _run(tmp_path, [(0.9, 0.5)]) == 0
+    state = torch.load(tmp_path / LAST, weights_only=True)
+    del state["best"]["loss"]  # as written by the version without the tie-break
+    torch.save(state, tmp_path / LAST)
+    # A tie cannot be broken by a loss that was not kept: the earlier epoch stays, as then.
+    assert _run(tmp_path, [(0.9, 0.5), (0.9, 0.1)]) == 0
+    assert _run(tmp_path, [(0.9, 0.5), (0.9, 0.1), (0.95, 0.4)]) == 2  # a higher metric wins
