@@ -1,8 +1,11 @@
 """STOIC2021 algorithm container entry point: one chest CT in, two probabilities out.
 
-Reads the single image under /input/images/ct/, age and sex from /input/patient-age.json
-and /input/patient-sex.json (else the image header, else the defaults), and writes
-/output/probability-covid-19.json and /output/probability-severe-covid-19.json.
+Reads the CT, age and sex from the sockets listed in /input/inputs.json when it exists,
+else from the STOIC layout (the single image under /input/images/ct/, /input/patient-age.json,
+/input/patient-sex.json); age and sex fall back to the image header, then to the defaults.
+Writes /output/probability-covid-19.json and /output/probability-severe-covid-19.json.
+Progress goes to stdout; stderr carries only warnings and errors (the platform shows it as
+warnings on the result).
 
 Local use:
     python process.py --input test/input --output /tmp/out [--model-dir DIR] [--device cpu]
@@ -16,6 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +31,14 @@ from pandas import DataFrame
 from stoic_ct.cli import add_model_arguments, configure_logging
 from stoic_ct.contract import (
     COVID_OUTPUT,
-    IMAGE_SUBDIR,
     INPUT_DIR,
     OUTPUT_DIR,
     SEVERE_OUTPUT,
+    JobInputs,
     demographics_for,
     find_input_image,
     prepare_output_dir,
+    read_job_inputs,
     write_outputs,
 )
 from stoic_ct.errors import StoicError
@@ -53,13 +58,14 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
         self, *, input_dir: Path, output_dir: Path, model: System | Future[System]
     ) -> None:
         """`model` may still be loading (a Future): the image is read meanwhile."""
-        super().__init__(
-            input_path=input_dir / IMAGE_SUBDIR,
-            output_path=output_dir,
-            validators={},
-        )
+        super().__init__(input_path=input_dir, output_path=output_dir, validators={})
         self.input_dir, self.output_dir, self._model = input_dir, output_dir, model
         self.scans: dict[int, Scan] = {}
+
+    @cached_property
+    def inputs(self) -> JobInputs:
+        """The job's inputs: from inputs.json's sockets, else the STOIC layout."""
+        return read_job_inputs(self.input_dir)
 
     @property
     def model(self) -> System:
@@ -75,7 +81,7 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
 
     def load(self) -> None:
         """Find and read the one input image, with clear errors instead of evalutils' skipping."""
-        path = find_input_image(self._input_path)
+        path = find_input_image(self.inputs.image_dir)
         self.scans = {0: read_scan(path)}
         self._cases["input_image"] = DataFrame([{"path": path}])
 
@@ -84,11 +90,11 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
 
     def predict(self, *, input_image: SimpleITK.Image) -> dict[str, float]:
         """evalutils' per-image hook: the outputs for an image already in memory."""
-        return self.predict_scan(scan_from_image(input_image, self._input_path))
+        return self.predict_scan(scan_from_image(input_image, self.inputs.image_dir))
 
     def predict_scan(self, scan: Scan) -> dict[str, float]:
         """Both output values for one scan, keyed by output file name."""
-        demographics = demographics_for(scan, self.input_dir)
+        demographics = demographics_for(scan, self.inputs)
         logger.info(
             "%s: %s voxels at %s mm; age %g (%s), sex %s (%s)",
             scan.path,
@@ -139,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "both, averaged with the weights of ensemble.json",
     )
     args = parser.parse_args(argv)
-    configure_logging()
+    configure_logging(information_to_stdout=True)
     started = time.perf_counter()
     try:
         device = resolve_device(args.device)

@@ -56,7 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Extract, fit, write; 0 on success, 1 with a one-line message otherwise."""
     args = parse_args(argv)
-    configure_logging()
+    configure_logging(information_to_stdout=True)
     try:
         train(args)
     except StoicError as error:

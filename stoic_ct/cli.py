@@ -58,14 +58,24 @@ CSV_COLUMNS = (
 )
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """Messages to stderr, one line each; stdout stays for results."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+def configure_logging(verbose: bool = False, *, information_to_stdout: bool = False) -> None:
+    """One line per message, to stderr: the CLI keeps stdout for results.
+
+    With `information_to_stdout` (the container's entry points) messages below WARNING go
+    to stdout and only warnings and errors to stderr, which grand-challenge shows as
+    warnings on the job's result: a successful run stays quiet there.
+    """
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    problems = logging.StreamHandler(sys.stderr)
+    handlers: list[logging.Handler] = [problems]
+    if information_to_stdout:
+        problems.setLevel(logging.WARNING)
+        information = logging.StreamHandler(sys.stdout)
+        information.addFilter(lambda record: record.levelno < logging.WARNING)
+        handlers.append(information)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from fileserver import Route, serving
 
 import process
 from helpers import SMALL_PHANTOM, THIN_PHANTOM, contained, write_case, write_image
-from stoic_ct.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for
+from stoic_ct.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for, read_job_inputs
 from stoic_ct.imageio import read_scan
 from stoic_ct.pipeline import Balaitous
 
@@ -95,12 +95,16 @@ def test_container_run(shared_model_dir: Path, shared_tmp: Path) -> None:
         shared_tmp / "input", output, shared_model_dir, env={"TMPDIR": str(scratch)}
     )
     assert done.returncode == 0, done.stderr
-    assert "age 45 (" in done.stderr and "patient-age.json)" in done.stderr
-    assert str(image) in done.stderr
+    # Random weights and no lung in this phantom: two warnings, and nothing else on stderr.
+    assert [line.split()[1] for line in done.stderr.splitlines()] == ["WARNING", "WARNING"]
+    assert "age 45 (" in done.stdout and "patient-age.json)" in done.stdout
+    assert str(image) in done.stdout
 
     scan = read_scan(image)
     model = Balaitous.from_model_dir(shared_model_dir, torch.device("cpu"))
-    expected = model.predict(scan.volume, demographics_for(scan, shared_tmp / "input"))
+    expected = model.predict(
+        scan.volume, demographics_for(scan, read_job_inputs(shared_tmp / "input"))
+    )
     assert outputs(output) == {
         COVID_OUTPUT: expected.probabilities.covid,
         SEVERE_OUTPUT: expected.probabilities.severe,
@@ -145,7 +149,7 @@ def test_algorithm_with_lungs(tiny_model: Balaitous, tmp_path: Path) -> None:
     ).process()
     scan = read_scan(image)
     expected = tiny_model.predict(
-        scan.volume, demographics_for(scan, tmp_path / "input")
+        scan.volume, demographics_for(scan, read_job_inputs(tmp_path / "input"))
     ).probabilities
     assert outputs(tmp_path / "output") == {
         COVID_OUTPUT: expected.covid,
@@ -334,3 +338,40 @@ def test_unwritable_output_folder(shared_model_dir: Path, shared_tmp: Path) -> N
     (line,) = error_lines(done.stderr)
     assert line.endswith(f"{output}: the output folder is not writable (Permission denied)")
     assert list(output.iterdir()) == []
+
+
+def test_inputs_json(tiny_model: Balaitous, tmp_path: Path) -> None:
+    """The CT, age and sex from the sockets of inputs.json: the same outputs as the same
+    values given in the STOIC layout."""
+    stoic = tmp_path / "stoic"
+    image = write_case(stoic, SMALL_PHANTOM)
+    (stoic / "patient-age.json").write_text("58")
+    (stoic / "patient-sex.json").write_text('"F"')
+    sockets = tmp_path / "sockets"
+    (sockets / "images" / "chest-ct").mkdir(parents=True)
+    shutil.copy2(image, sockets / "images" / "chest-ct" / "scan.mha")
+    interfaces = [
+        ({"slug": "chest-ct", "kind": "Image", "super_kind": "Image"}, "images/chest-ct", None),
+        ({"slug": "patient-age", "kind": "Integer", "super_kind": "Value"}, "age.json", 58),
+        ({"slug": "patient-sex", "kind": "String", "super_kind": "Value"}, "sex.json", "F"),
+    ]
+    (sockets / "inputs.json").write_text(
+        json.dumps(
+            [
+                {"interface": interface | {"relative_path": path}, "value": value}
+                for interface, path, value in interfaces
+            ]
+        )
+    )
+    for input_dir, output in ((stoic, tmp_path / "out-stoic"), (sockets, tmp_path / "out-sockets")):
+        process.StoicAlgorithm(input_dir=input_dir, output_dir=output, model=tiny_model).process()
+    assert outputs(tmp_path / "out-sockets") == outputs(tmp_path / "out-stoic")
+
+
+def test_inputs_json_without_an_image_socket(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "input").mkdir()
+    age = {"slug": "patient-age", "kind": "Integer", "relative_path": "patient-age.json"}
+    (tmp_path / "input" / "inputs.json").write_text(json.dumps([{"interface": age, "value": 50}]))
+    assert_fails_cleanly(tmp_path, tiny_model_dir, caplog, "inputs.json", "lists no image socket")
