@@ -1,39 +1,52 @@
 #!/usr/bin/env bash
-# Build the algorithm's Docker image, with the model files baked in.
+# Build the algorithm's container image, with docker or podman, without network in the build.
 set -euo pipefail
 
 usage() {
     cat <<USAGE
-Usage: ./build.sh [--tag NAME]
+Usage: ./build.sh [--tag NAME] [--base-image IMAGE] [--bake-model [--allow-random-weights]]
 
-Fetches whatever model files model/ lacks and checks them all (python -m stoic_ct
-fetch-weights, in .venv: run 'make setup' once), then builds the STOIC2021 algorithm
-image (default tag: stoic-balaitous) with the files of model/ baked in. Without network,
-put the four files in model/ by hand (model/README.md says where they are published).
+Resolves the Python packages for the base image into wheelhouse/ on the host
+(scripts/wheelhouse.sh; kept while requirements.txt and the base image's Python match),
+then builds the image (default tag: stoic-balaitous) from the Dockerfile, which installs
+them with 'pip install --no-index': the build itself reaches no network.
+
+By default the image holds code and dependencies only: the model files are mounted at
+/opt/ml/model when it runs (./test.sh does; grand-challenge extracts the uploaded
+model.tar.gz there). --bake-model puts model/ into the image as well (fetching what it
+lacks and checking all four files first; python -m stoic_ct fetch-weights, in .venv:
+run 'make setup' once); model/ with random weights is refused unless
+--allow-random-weights (for tests).
+
+--base-image IMAGE builds on another base (default: the Dockerfile's BASE_IMAGE, the
+pinned PyTorch 2.13.0 CUDA image): it must have Python >= 3.11 as 'python' and torch
+2.13.0. The engine is docker when its service answers, else podman (CONTAINER_ENGINE
+chooses).
 USAGE
 }
 
 here="$(cd "$(dirname "$0")" && pwd -P)"
+options="base-image bake-model allow-random-weights"
 # shellcheck source=scripts/args.sh
 source "$here/scripts/args.sh"
+# shellcheck source=scripts/engine.sh
+source "$here/scripts/engine.sh"
+# shellcheck source=scripts/model.sh
+source "$here/scripts/model.sh"
 
-command -v docker >/dev/null 2>&1 || { echo "error: docker is not installed or not on PATH" >&2; exit 1; }
-docker info >/dev/null 2>&1 || { echo "error: cannot reach the Docker engine (is it running? may this user use it?)" >&2; exit 1; }
-
-python="$here/.venv/bin/python"
-[ -x "$python" ] || python=python3
-if ! (cd "$here" && "$python" -c 'import torch, lungmask, stoic_ct.fetch') >/dev/null 2>&1; then
-    echo "error: checking the model files needs the project's Python environment; run 'make setup' first" >&2
-    exit 1
-fi
-if [ -e "$here/model/RANDOM_WEIGHTS" ]; then
-    echo "error: model/ holds randomly initialised weights (model/RANDOM_WEIGHTS); empty it and run again" >&2
-    exit 1
-fi
-if ! (cd "$here" && "$python" -m stoic_ct fetch-weights --dest "$here/model"); then
-    echo "error: model/ does not hold the four checked model files (see above); the image was not built" >&2
-    exit 1
+target=code
+if [ "$bake_model" = true ]; then
+    check_model_dir "$here/model"
+    target=model-baked
 fi
 
-docker build --tag "$tag" "$here"
-echo "built image $tag"
+"$here/scripts/wheelhouse.sh" "$base_image" "$here/wheelhouse"
+"$engine" build --target "$target" --build-arg "BASE_IMAGE=$base_image" --tag "$tag" "$here"
+
+# Sizes: the whole image, its base, and each layer the Dockerfile adds (newest first).
+size() { "$engine" image inspect --format '{{.Size}}' "$1" | numfmt --to=si --suffix=B; }
+layers() { "$engine" history --quiet "$1" | wc -l; }
+echo "built image $tag ($target, on $base_image, with $engine): $(size "$tag"), of which the base $(size "$base_image"); the layers added:"
+"$engine" history --no-trunc --format '{{.Size}}\t{{.CreatedBy}}' "$tag" \
+    | awk -F'\t' -v added="$(( $(layers "$tag") - $(layers "$base_image") ))" \
+        'NR <= added && $1 !~ /^0 ?B$/ { sub(/^\/bin\/sh -c (#\(nop\) )?/, "", $2); printf "    %9s  %.90s\n", $1, $2 }'

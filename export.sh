@@ -4,24 +4,33 @@ set -euo pipefail
 
 usage() {
     cat <<USAGE
-Usage: ./export.sh [--tag NAME]
+Usage: ./export.sh [--tag NAME] [--base-image IMAGE] [--model-dir DIR]
 
-Builds the image (./build.sh, which fetches and checks the model files) and writes:
+Checks the model folder DIR (default model/: fetches what it lacks, checks all four files;
+random weights are refused), builds the image (./build.sh: code and dependencies, no model
+files), and writes:
   NAME.tar.gz    the image, for the algorithm's container upload
-  model.tar.gz   the files of model/ and their MANIFEST, for the separate model upload
-                 (grand-challenge extracts it at /opt/ml/model, where it takes precedence)
+  model.tar.gz   the four files of DIR and their MANIFEST, for the algorithm's separate
+                 model upload (grand-challenge extracts it at /opt/ml/model)
 USAGE
 }
 
 here="$(cd "$(dirname "$0")" && pwd -P)"
+options="base-image model-dir"
 # shellcheck source=scripts/args.sh
 source "$here/scripts/args.sh"
+# shellcheck source=scripts/engine.sh
+source "$here/scripts/engine.sh"
+# shellcheck source=scripts/model.sh
+source "$here/scripts/model.sh"
 
-"$here/build.sh" --tag "$tag"
+model_dir="${model_dir:-$here/model}"
+check_model_dir "$model_dir"
+"$here/build.sh" --tag "$tag" --base-image "$base_image"
 
-docker save "$tag" | gzip -c > "$here/$tag.tar.gz"
+"$engine" save "$tag" | gzip -c > "$here/$tag.tar.gz"
 echo "wrote $here/$tag.tar.gz ($(du -h "$here/$tag.tar.gz" | cut -f1))"
-# The files build.sh checked: those its MANIFEST lists ("<sha256>  <name>" lines).
-mapfile -t files < <(cut -d' ' -f3- "$here/model/MANIFEST")
-tar --create --gzip --file "$here/model.tar.gz" --directory "$here/model" "${files[@]}" MANIFEST
+# The files fetch-weights checked: those its MANIFEST lists ("<sha256>  <name>" lines).
+mapfile -t files < <(cut -d' ' -f3- "$model_dir/MANIFEST")
+tar --create --gzip --file "$here/model.tar.gz" --directory "$model_dir" "${files[@]}" MANIFEST
 echo "wrote $here/model.tar.gz ($(du -h "$here/model.tar.gz" | cut -f1))"
