@@ -1,4 +1,4 @@
-"""What can be checked of the image without a Docker engine: its build context and its recipe."""
+"""The image's build context and recipe, read (test/container/ builds and runs the image)."""
 
 from __future__ import annotations
 
@@ -41,11 +41,12 @@ def build_context(files: list[str]) -> set[str]:
     return {f for f in files if not _ignored(f, rules)}
 
 
-def test_build_context_holds_the_code_and_model_files_only() -> None:
+def test_build_context_holds_the_code_wheels_and_model_files_only() -> None:
     kept = [
         "process.py",
         "train.py",
-        "requirements.txt",
+        "wheelhouse/requirements.txt",
+        "wheelhouse/numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.whl",
         "stoic_ct/pipeline.py",
         "stoic_ct/__init__.py",
         "model/README.md",
@@ -60,6 +61,7 @@ def test_build_context_holds_the_code_and_model_files_only() -> None:
         ".git/HEAD",
         ".venv/bin/python",
         "README.md",
+        "requirements.txt",
         "Dockerfile",
         ".cache/random-model/vitl_16_ct.pth",
     ]
@@ -88,7 +90,19 @@ def test_recipe() -> None:
     assert re.search(r"^ENV PYTHONUNBUFFERED=1", DOCKERFILE, flags=re.MULTILINE)
     users = re.findall(r"^USER (\S+)$", DOCKERFILE, flags=re.MULTILINE)
     assert users and users[-1] not in ("root", "0", "0:0")
-    assert DOCKERFILE.rstrip().endswith('ENTRYPOINT ["python", "-m", "process"]')
+    # Stages: `code` ends with the entry point; `model-baked` adds model/; the last stage,
+    # which a plain build gives, is `code` again.
+    stages = re.split(r"^FROM ", DOCKERFILE, flags=re.MULTILINE)[1:]
+    assert [stage.split("\n", 1)[0] for stage in stages] == [
+        "${BASE_IMAGE} AS code",
+        "code AS model-baked",
+        "code",
+    ]
+    assert stages[0].rstrip().endswith('ENTRYPOINT ["python", "-m", "process"]')
+    assert "model/" not in stages[0] and "COPY --chown=user:user model/" in stages[1]
+    # No network in the build: the wheels come from the host's wheelhouse, nothing else.
+    installs = re.findall(r"pip install[^\n]*\n[^\n]*", DOCKERFILE)
+    assert installs and all("--no-index" in i and "--no-deps" in i for i in installs), installs
     # Every requirement is pinned to one version.
     requirements = [
         line

@@ -1,16 +1,20 @@
-"""build.sh, test.sh and export.sh, run against a stand-in `docker` (no engine here).
+"""build.sh, test.sh, export.sh and platform-run.sh, run against a stand-in `docker`.
 
-The stand-in logs every call and plays the engine's part: `info` and `build` succeed,
-`run --entrypoint true` says whether a GPU is available, a real `run` writes two outputs
-into the folder mounted at /output, `save` prints some bytes. The scripts run in a copy of
-the repository whose model/ holds tiny random files (with a MANIFEST, so that
-fetch-weights accepts them without the network).
+The container test (test/container/) builds and runs the real image; these check in
+seconds what it cannot: the choice of engine, GPU requests, the refusals, the options. The
+stand-in logs every call and plays the engine's part: `info` answers (with or without the
+NVIDIA runtime), `image inspect` finds every image, `history` lists two layers, a `run`
+writes two outputs into the folder mounted at /output and a warning on stderr, `save`
+prints some bytes. The scripts run in a copy of the repository whose model/ holds tiny
+random files (with a MANIFEST, so that fetch-weights accepts them without the network) and
+whose scripts/wheelhouse.sh only logs (the container test runs the real one).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -28,15 +32,28 @@ from stoic_ct.model_files import (
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SCRIPTS = ("build.sh", "test.sh", "export.sh")
+PINNED_BASE = re.search(
+    r"^ARG BASE_IMAGE=(\S+)$", (REPOSITORY / "Dockerfile").read_text(), flags=re.MULTILINE
+)
 
 FAKE_DOCKER = r"""#!/usr/bin/env bash
 printf '%s\n' "$*" >> "$DOCKER_LOG"
 case "$1" in
-    info) exit "${DOCKER_INFO_RC:-0}" ;;
+    info)
+        [ "${DOCKER_INFO_RC:-0}" = 0 ] || exit "$DOCKER_INFO_RC"
+        [ "$2" = --format ] && echo "${DOCKER_RUNTIMES:-{\"runc\":{}\}}"
+        exit 0 ;;
+    image) [ "$3" = --format ] && echo 2000000000; exit 0 ;;
+    history)
+        # The base image's one layer under the Dockerfile's three.
+        [ "$2" = --quiet ] && case "$3" in
+            *pytorch*|*base*) echo c; exit 0 ;;
+            *) printf 'a\nb\nc\n'; exit 0 ;;
+        esac
+        printf '700MB\tRUN pip install\n1.5kB\tCOPY stoic_ct\n0B\tUSER 1001\n'; exit 0 ;;
     build) exit 0 ;;
     save) echo "image bytes"; exit 0 ;;
     run)
-        for arg in "$@"; do [ "$arg" = true ] && exit "${DOCKER_GPU_RC:-0}"; done
         previous=""
         for arg in "$@"; do
             if [ "$previous" = --volume ] && [[ "$arg" == *:/output ]]; then
@@ -46,9 +63,14 @@ case "$1" in
             fi
             previous="$arg"
         done
+        echo "12:00:00 WARNING a warning the platform would show" >&2
         exit 0 ;;
 esac
 exit 3
+"""
+
+FAKE_WHEELHOUSE = """#!/usr/bin/env bash
+printf 'wheelhouse %s\\n' "$*" >> "$DOCKER_LOG"
 """
 
 
@@ -57,9 +79,12 @@ def checkout(tmp_path: Path, tiny_model_dir: Path) -> Path:
     """A copy of the scripts beside links to the code, .venv and test case, and a model/."""
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
-    for script in SCRIPTS:
+    for script in (*SCRIPTS, "Dockerfile"):
         shutil.copy2(REPOSITORY / script, root / script)
-    shutil.copy2(REPOSITORY / "scripts" / "args.sh", root / "scripts" / "args.sh")
+    for script in ("args.sh", "engine.sh", "model.sh", "platform-run.sh"):
+        shutil.copy2(REPOSITORY / "scripts" / script, root / "scripts" / script)
+    (root / "scripts" / "wheelhouse.sh").write_text(FAKE_WHEELHOUSE)
+    (root / "scripts" / "wheelhouse.sh").chmod(0o755)
     for name in ("stoic_ct", ".venv", "test"):
         (root / name).symlink_to(REPOSITORY / name)
     model = root / "model"
@@ -77,8 +102,12 @@ def docker(tmp_path: Path) -> dict[str, str]:
     bin_dir.mkdir()
     (bin_dir / "docker").write_text(FAKE_DOCKER)
     (bin_dir / "docker").chmod(0o755)
+    # A podman that never answers, whether or not this machine has a real one.
+    (bin_dir / "podman").write_text("#!/bin/sh\nexit 125\n")
+    (bin_dir / "podman").chmod(0o755)
+    environment = {k: v for k, v in os.environ.items() if k != "CONTAINER_ENGINE"}
     return {
-        **os.environ,
+        **environment,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "DOCKER_LOG": str(tmp_path / "docker.log"),
     }
@@ -90,9 +119,11 @@ def run(script: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPr
     )
 
 
-def calls(env: dict[str, str]) -> list[str]:
+def calls(env: dict[str, str], verb: str | None = None) -> list[str]:
+    """The stand-in's calls (and wheelhouse.sh's), those starting with `verb` if given."""
     log = Path(env["DOCKER_LOG"])
-    return log.read_text().splitlines() if log.exists() else []
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [c for c in lines if verb is None or c.startswith(f"{verb} ")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -105,10 +136,21 @@ def test_help_and_bad_arguments(script: str) -> None:
     assert done.returncode == 2 and "unknown argument '--frobnicate'" in done.stderr
 
 
-def test_no_docker(checkout: Path, tmp_path: Path) -> None:
-    bare = tmp_path / "bare-bin"  # what the script needs before it looks for docker
+def test_options_a_script_does_not_take() -> None:
+    """export.sh uploads the model separately: it takes no --bake-model, and never random
+    weights."""
+    for option in ("--bake-model", "--allow-random-weights"):
+        done = subprocess.run(
+            [str(REPOSITORY / "export.sh"), option], capture_output=True, text=True
+        )
+        assert done.returncode == 2 and f"unknown argument '{option}'" in done.stderr
+
+
+def test_no_engine(checkout: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare-bin"  # what the scripts need before they look for an engine
     bare.mkdir()
-    (bare / "dirname").symlink_to(shutil.which("dirname") or "/usr/bin/dirname")
+    for tool in ("dirname", "sed"):
+        (bare / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
     done = subprocess.run(
         ["/bin/bash", str(checkout / "build.sh")],
         env={"PATH": str(bare)},
@@ -117,62 +159,128 @@ def test_no_docker(checkout: Path, tmp_path: Path) -> None:
         cwd="/",
     )
     assert done.returncode == 1
-    assert "docker is not installed or not on PATH" in done.stderr
+    assert "no container engine: install Docker or podman" in done.stderr
 
 
-def test_engine_down(checkout: Path, docker: dict[str, str]) -> None:
+def test_docker_engine_down(checkout: Path, docker: dict[str, str]) -> None:
     done = run(checkout / "build.sh", {**docker, "DOCKER_INFO_RC": "1"})
-    assert done.returncode == 1 and "cannot reach the Docker engine" in done.stderr
+    assert done.returncode == 1
+    assert "cannot reach the Docker engine" in done.stderr
+    assert "podman is not usable either" in done.stderr
+
+
+def test_the_engine_can_be_chosen(checkout: Path, docker: dict[str, str]) -> None:
+    done = run(checkout / "build.sh", {**docker, "CONTAINER_ENGINE": "nerdctl"})
+    assert done.returncode == 1
+    assert "CONTAINER_ENGINE=nerdctl is not on PATH" in done.stderr
 
 
 def test_build(checkout: Path, docker: dict[str, str]) -> None:
+    """The default image holds no model files: nothing in model/ is fetched or checked."""
+    (checkout / "model" / "vitl_16_ct.pth").unlink()
     done = run(checkout / "build.sh", docker, "--tag", "mine")
     assert done.returncode == 0, done.stderr
-    assert calls(docker)[-1] == f"build --tag mine {checkout}"
+    assert PINNED_BASE is not None
+    base = PINNED_BASE.group(1)
+    assert calls(docker, "wheelhouse") == [f"wheelhouse {base} {checkout}/wheelhouse"]
+    assert calls(docker, "build") == [
+        f"build --target code --build-arg BASE_IMAGE={base} --tag mine {checkout}"
+    ]
+    assert "MANIFEST" not in done.stderr
+    # The size report: both sizes, and the layers the Dockerfile adds (not the empty one).
+    assert "2.0GB, of which the base 2.0GB; the layers added:" in done.stdout
+    assert "700MB  RUN pip install" in done.stdout and "USER 1001" not in done.stdout
+
+
+def test_build_on_another_base(checkout: Path, docker: dict[str, str]) -> None:
+    done = run(checkout / "build.sh", docker, "--base-image", "mine/base:1")
+    assert done.returncode == 0, done.stderr
+    assert "--build-arg BASE_IMAGE=mine/base:1" in calls(docker, "build")[0]
+    assert calls(docker, "wheelhouse")[0].startswith("wheelhouse mine/base:1 ")
+
+
+def test_bake_model(checkout: Path, docker: dict[str, str]) -> None:
+    done = run(checkout / "build.sh", docker, "--bake-model")
+    assert done.returncode == 0, done.stderr
     assert "present and matches the MANIFEST" in done.stderr
+    assert "--target model-baked" in calls(docker, "build")[0]
 
 
-def test_build_refuses_random_weights(checkout: Path, docker: dict[str, str]) -> None:
+def test_bake_model_refuses_random_weights(checkout: Path, docker: dict[str, str]) -> None:
     (checkout / "model" / RANDOM_WEIGHTS_MARKER).write_text("random")
-    done = run(checkout / "build.sh", docker)
+    done = run(checkout / "build.sh", docker, "--bake-model")
     assert done.returncode == 1 and "randomly initialised weights" in done.stderr
-    assert not any(c.startswith("build") for c in calls(docker))
+    assert "--allow-random-weights" in done.stderr
+    assert calls(docker, "build") == []
+    done = run(checkout / "build.sh", docker, "--bake-model", "--allow-random-weights")
+    assert done.returncode == 0, done.stderr
+    assert "RANDOMLY INITIALISED weights (--allow-random-weights)" in done.stderr
+    assert "--target model-baked" in calls(docker, "build")[0]
 
 
-def test_build_stops_on_a_missing_model_file(checkout: Path, docker: dict[str, str]) -> None:
+def test_bake_model_stops_on_a_missing_model_file(checkout: Path, docker: dict[str, str]) -> None:
     """The missing file cannot be fetched here (no network): the message says where to get it."""
     (checkout / "model" / "vitl_16_pt22k.pth").unlink()
-    done = run(checkout / "build.sh", {**docker, "no_proxy": "*"})
+    done = run(checkout / "build.sh", {**docker, "no_proxy": "*"}, "--bake-model")
     assert done.returncode == 1
     assert "https://zenodo.org/record/6547999/files/vitl_16_pt22k.pth" in done.stderr
     assert f"-> {checkout}/model/vitl_16_pt22k.pth" in done.stderr
-    assert "the image was not built" in done.stderr
-    assert not any(c.startswith("build") for c in calls(docker))
+    assert "does not hold the four checked model files" in done.stderr
+    assert calls(docker, "build") == []
 
 
 def test_test_script_runs_as_the_platform(checkout: Path, docker: dict[str, str]) -> None:
     done = run(checkout / "test.sh", docker)
     assert done.returncode == 0, done.stderr
-    run_call = calls(docker)[-1]
+    run_call = calls(docker, "run")[-1]
     for flag in (
-        "--gpus all",
         "--network none",
-        "--memory=16g",
+        "--memory=8g --memory-swap=8g",
         "--cap-drop=ALL",
         "--security-opt=no-new-privileges",
         "--pids-limit 256",
         "--shm-size=128m",
-        f"--volume {checkout}/test/input:/input:ro",
+        "--read-only",
+        "--tmpfs /tmp:rw,exec,mode=1777",
+        f"--volume {REPOSITORY}/test/input:/input:ro",  # the checkout's test/ links there
+        f"--volume {checkout}/model:/opt/ml/model:ro",
     ):
         assert flag in run_call, flag
+    assert "--gpus" not in run_call
+    assert "the job runs on the CPU" in done.stdout
     assert "format and range ok" in done.stdout and "not compared" in done.stdout
+    assert "the container wrote 1 line(s) to stderr" in done.stdout
+    assert "    12:00:00 WARNING a warning the platform would show" in done.stdout
 
 
-def test_test_script_without_gpu(checkout: Path, docker: dict[str, str]) -> None:
-    done = run(checkout / "test.sh", {**docker, "DOCKER_GPU_RC": "1"})
+def test_a_gpu_only_where_the_engine_can_give_one(checkout: Path, docker: dict[str, str]) -> None:
+    runtimes = json.dumps({"nvidia": {"path": "nvidia-container-runtime"}, "runc": {}})
+    done = run(checkout / "test.sh", {**docker, "DOCKER_RUNTIMES": runtimes})
     assert done.returncode == 0, done.stderr
-    assert "cannot give this container a GPU" in done.stderr
-    assert "--gpus" not in calls(docker)[-1]
+    assert "--gpus all --network none" in calls(docker, "run")[-1]
+    assert "runs on the CPU" not in done.stdout
+
+
+def test_test_script_with_a_baked_model(checkout: Path, docker: dict[str, str]) -> None:
+    done = run(checkout / "test.sh", docker, "--bake-model")
+    assert done.returncode == 0, done.stderr
+    assert "--target model-baked" in calls(docker, "build")[0]
+    assert "/opt/ml/model" not in calls(docker, "run")[-1]
+    done = run(checkout / "test.sh", docker, "--bake-model", "--model-dir", "x")
+    assert done.returncode == 2 and "it takes no --model-dir" in done.stderr
+
+
+def test_test_script_with_random_weights(
+    checkout: Path, docker: dict[str, str], tmp_path: Path
+) -> None:
+    random = Path(shutil.copytree(checkout / "model", tmp_path / "random"))
+    (random / RANDOM_WEIGHTS_MARKER).write_text("random")
+    done = run(checkout / "test.sh", docker, "--model-dir", str(random))
+    assert done.returncode == 1 and "pass --allow-random-weights for a test" in done.stderr
+    assert calls(docker, "run") == []
+    done = run(checkout / "test.sh", docker, "--model-dir", str(random), "--allow-random-weights")
+    assert done.returncode == 0, done.stderr
+    assert f"--volume {random}:/opt/ml/model:ro" in calls(docker, "run")[-1]
 
 
 def test_test_script_fails_on_a_bad_output(checkout: Path, docker: dict[str, str]) -> None:
@@ -221,7 +329,16 @@ def test_test_script_compares_recorded_values(
 def test_export(checkout: Path, docker: dict[str, str]) -> None:
     done = run(checkout / "export.sh", docker, "--tag", "mine")
     assert done.returncode == 0, done.stderr
+    assert "--target code" in calls(docker, "build")[0]
     assert "save mine" in calls(docker)
     assert (checkout / "mine.tar.gz").is_file()
     with tarfile.open(checkout / "model.tar.gz") as archive:
         assert sorted(archive.getnames()) == sorted([*(s.name for s in ALL_FILES), MANIFEST])
+
+
+def test_export_refuses_random_weights(checkout: Path, docker: dict[str, str]) -> None:
+    (checkout / "model" / RANDOM_WEIGHTS_MARKER).write_text("random")
+    done = run(checkout / "export.sh", docker)
+    assert done.returncode == 1 and "randomly initialised weights" in done.stderr
+    assert calls(docker, "build") == [] and calls(docker, "save") == []
+    assert not (checkout / "model.tar.gz").exists()
