@@ -111,17 +111,36 @@ def heads_spec(encoder: str) -> ModelFileSpec:
     return CONVNEXT_HEADS if encoder == "convnext3d" else HEADS
 
 
-def default_model_dir(container_dir: Path = CONTAINER_MODEL_DIR) -> Path:
+def default_model_dir(
+    container_dir: Path = CONTAINER_MODEL_DIR, baked_dir: Path = REPOSITORY_MODEL_DIR
+) -> Path:
     """Where the model files are when no folder is given.
 
-    `/opt/ml/model` (grand-challenge extracts the model tarball there) when it holds any
-    of the model files, else the repository's `model/` (the files baked into the image).
+    `/opt/ml/model` (grand-challenge extracts the model tarball there; test.sh mounts the
+    model folder there) when it holds any of the model files, else the repository's
+    `model/` (in the image: the files baked in by build.sh --bake-model).
+
+    Raises:
+        ModelFileError: in the image (`container_dir` exists) when neither folder holds
+            any model file, with how to provide them.
     """
+    if _holds_model_files(container_dir):
+        return container_dir
+    if container_dir.is_dir() and not _holds_model_files(baked_dir):
+        raise ModelFileError(
+            "holds no model files, and none are baked into the image: mount the model "
+            "folder here, read-only (grand-challenge extracts the uploaded model tarball "
+            "here), or build the image with ./build.sh --bake-model",
+            container_dir,
+        )
+    return baked_dir
+
+
+def _holds_model_files(directory: Path) -> bool:
     try:
-        uploaded = any((container_dir / spec.name).exists() for spec in ALL_FILES)
+        return any((directory / spec.name).exists() for spec in ALL_FILES)
     except OSError:
-        uploaded = False
-    return container_dir if uploaded else REPOSITORY_MODEL_DIR
+        return False
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,20 @@ def test_published_names() -> None:
 
 def test_default_dir_is_the_uploaded_model_when_it_holds_files(tmp_path: Path) -> None:
     assert default_model_dir(tmp_path / "absent") == REPOSITORY_MODEL_DIR
-    assert default_model_dir(tmp_path) == REPOSITORY_MODEL_DIR  # exists, but empty
-    (tmp_path / "balaitous.npz").write_bytes(b"")
-    assert default_model_dir(tmp_path) == tmp_path
+    baked = tmp_path / "baked"
+    baked.mkdir()
+    (baked / "vitl_16_ct.pth").write_bytes(b"")
+    uploaded = tmp_path / "uploaded"
+    uploaded.mkdir()
+    assert default_model_dir(uploaded, baked) == baked  # exists, but empty
+    (uploaded / "balaitous.npz").write_bytes(b"")
+    assert default_model_dir(uploaded, baked) == uploaded
+
+
+def test_an_image_without_model_files_says_how_to_give_them(tmp_path: Path) -> None:
+    """In the image /opt/ml/model exists; mounted nothing there and baked nothing in."""
+    with pytest.raises(ModelFileError, match="holds no model files, and none are baked into"):
+        default_model_dir(tmp_path, tmp_path / "absent")
 
 
 def test_missing_file_names_path_and_source(tmp_path: Path) -> None:

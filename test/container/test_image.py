@@ -122,13 +122,14 @@ def platform_run(
     image: str,
     input_dir: Path,
     output: Path,
-    model: Path,
+    model: Path | None,
     *args: str,
     engine_args: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """The image run by scripts/platform-run.sh, as the platform runs a job."""
+    """The image run by scripts/platform-run.sh, as the platform runs a job; the model
+    folder mounted at /opt/ml/model unless None."""
     open_to_all(input_dir)
-    command = ["scripts/platform-run.sh", "--model", str(model)]
+    command = ["scripts/platform-run.sh", *(["--model", str(model)] if model else [])]
     command += [f"--engine-arg={a}" for a in engine_args]
     return run([*command, image, input_dir, output, *args], 900)
 
@@ -310,6 +311,19 @@ def test_an_unwritable_output_folder(image: str, tiny_model: Path, tmp_path: Pat
     assert done.returncode == 1
     line = the_error(done.stderr)
     assert line.endswith("/output: the output folder is not writable (Permission denied)"), line
+    assert list(output.iterdir()) == []
+
+
+def test_no_model_files(image: str, tmp_path: Path) -> None:
+    """The default image carries no model files: without a model folder at /opt/ml/model
+    the job says how to give one."""
+    write_case(tmp_path / "input", THIN_PHANTOM)
+    output = writable_folder(tmp_path / "output")
+    done = platform_run(image, tmp_path / "input", output, None)
+    assert done.returncode == 1
+    assert "/opt/ml/model: holds no model files, and none are baked into the image" in (
+        the_error(done.stderr)
+    )
     assert list(output.iterdir()) == []
 
 
