@@ -13,7 +13,8 @@ cross-validation). Scans that fail are reported and left out. The encoders and t
 are the ones in the model folder, unchanged.
 
 In the container: `docker run --entrypoint python IMAGE train.py`, with the cohort at
-/input, a writable /output and /scratch. Then put the heads into model/ with
+/input, the model folder at /opt/ml/model, a writable /output and /scratch. Progress goes
+to stdout; stderr carries only warnings and errors. Then put the heads into model/ with
 `python -m stoic_ct install-heads OUTPUT` and run ./export.sh.
 """
 
