@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -34,10 +33,16 @@ from tqdm import tqdm
 from stoic_ct.convnext3d import SIZES as CONVNEXT_SIZES
 from stoic_ct.demographics import parse_age, resolve_demographics
 from stoic_ct.errors import StoicError
-from stoic_ct.fetch import INDEX_URL, ZENODO_URL
+from stoic_ct.fetch import INDEX_URL, ZENODO_URL, configured_index
 from stoic_ct.imageio import image_stem, read_scan
 from stoic_ct.inflation import INFLATIONS, NORMALISATIONS
-from stoic_ct.model_files import ENCODER_KINDS, R231, REPOSITORY_MODEL_DIR, default_model_dir
+from stoic_ct.model_files import (
+    ENCODER_KINDS,
+    R231,
+    REPOSITORY_MODEL_DIR,
+    REPOSITORY_ROOT,
+    default_model_dir,
+)
 from stoic_ct.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -192,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument(
         "--index-url",
-        default=os.environ.get("PIP_INDEX_URL", INDEX_URL),
+        default=configured_index(),
         help="package index holding the balaitous 1.2 wheel "
         f"(default: $PIP_INDEX_URL, else {INDEX_URL})",
     )
@@ -242,6 +247,26 @@ def _parser() -> argparse.ArgumentParser:
     cohort.add_argument("--patients", type=int, default=48, help="how many (default 48)")
     cohort.add_argument("--seed", type=int, default=0)
     cohort.add_argument("--shuffle-labels", action="store_true")
+
+    samples = commands.add_parser(
+        "sample-scans",
+        help="fetch two public chest CTs (from the pyradiomics 3.1.0 source archive)",
+        description="Fetch the pyradiomics 3.1.0 source archive from the package index "
+        "(checked against its pinned sha256) and extract its two chest CTs, lung1_image.nrrd "
+        "(neck to mid-thorax) and lung2_image.nrrd (the whole chest), into DEST; kept there "
+        "for later calls. Prints their paths.",
+    )
+    samples.add_argument(
+        "--dest",
+        type=Path,
+        default=REPOSITORY_ROOT / ".cache" / "sample-scans",
+        help="folder for the scans (default: .cache/sample-scans in the repository)",
+    )
+    samples.add_argument(
+        "--index-url",
+        default=configured_index(),
+        help=f"package index (default: $PIP_INDEX_URL, else {INDEX_URL})",
+    )
 
     random = commands.add_parser(
         "random-weights",
@@ -528,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return phantom(args)
         if args.command == "random-weights":
             return random_weights(args)
+        if args.command == "sample-scans":
+            return sample_scans(args)
         if args.command == "phantom-cohort":
             return phantom_cohort(args)
         if args.command == "extract-features":
@@ -706,6 +733,15 @@ def phantom_cohort(args: argparse.Namespace) -> int:
         args.data_dir, args.patients, seed=args.seed, shuffle_labels=args.shuffle_labels
     )
     logger.info("wrote %d phantoms and their labels to %s", args.patients, args.data_dir)
+    return 0
+
+
+def sample_scans(args: argparse.Namespace) -> int:
+    """The `sample-scans` command: one path per line on stdout."""
+    from stoic_ct.sample_scans import sample_scans as fetch_sample_scans
+
+    for path in fetch_sample_scans(args.dest, args.index_url).values():
+        print(path)
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import re
 import socket
 import sys
@@ -53,6 +54,11 @@ CHUNK_BYTES = 1 << 20
 # torch.hub's convention: the first hex digits of the sha256 follow the last "-" of the name.
 _HASH_PREFIX = re.compile(r"-([a-f0-9]{6,})\.[^/]*$")
 _SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
+
+
+def configured_index() -> str:
+    """The package index pip is pointed at by $PIP_INDEX_URL, else PyPI's."""
+    return os.environ.get("PIP_INDEX_URL", INDEX_URL)
 
 
 class FetchError(StoicError):
@@ -187,7 +193,7 @@ def _fetch(spec: ModelFileSpec, dest: Path, sources: Sources, check: Checker) ->
     if spec == HEADS:
         _fetch_from_wheel(dest, sources, part)
     else:
-        _download(sources.url(spec), part, spec.name)
+        download(sources.url(spec), part, spec.name)
     digest = sha256_of(part)
     try:
         _check_prefix(spec, part, digest, sources)
@@ -204,7 +210,7 @@ def _fetch_from_wheel(dest: Path, sources: Sources, part: Path) -> None:
     """balaitous.npz out of the balaitous 1.2 wheel, whose sha256 the index publishes."""
     url, expected = wheel_location(sources.index)
     wheel = dest / f".{WHEEL_NAME}.part"
-    _download(url, wheel, WHEEL_NAME)
+    download(url, wheel, WHEEL_NAME)
     digest = sha256_of(wheel)
     if digest != expected:
         wheel.unlink()
@@ -219,8 +225,18 @@ def _fetch_from_wheel(dest: Path, sources: Sources, part: Path) -> None:
 
 
 def wheel_location(index: str) -> tuple[str, str]:
-    """URL and sha256 of the balaitous 1.2 wheel, from a PEP 691 (JSON) or 503 (HTML) index."""
-    page = f"{index.rstrip('/')}/{WHEEL_PROJECT}/"
+    """URL and sha256 of the balaitous 1.2 wheel on `index`."""
+    return index_file_location(index, WHEEL_PROJECT, WHEEL_NAME)
+
+
+def index_file_location(index: str, project: str, filename: str) -> tuple[str, str]:
+    """URL and sha256 of one file of `project`, from a PEP 691 (JSON) or 503 (HTML) index.
+
+    Raises:
+        UnreachableError: when the index cannot be reached.
+        FetchError: on an HTTP error, or when the index lists no such file with a sha256.
+    """
+    page = f"{index.rstrip('/')}/{project}/"
     request = Request(
         page,
         headers={
@@ -238,16 +254,16 @@ def wheel_location(index: str) -> tuple[str, str]:
         raise UnreachableError(f"{page}: {_reason(error)}") from None
     if kind == _SIMPLE_JSON:
         for entry in json.loads(body).get("files", []):
-            if entry.get("filename") == WHEEL_NAME and "sha256" in entry.get("hashes", {}):
+            if entry.get("filename") == filename and "sha256" in entry.get("hashes", {}):
                 return urljoin(page, entry["url"]), entry["hashes"]["sha256"]
     else:
-        pattern = rf'href="([^"#]*{re.escape(WHEEL_NAME)})#sha256=([0-9a-f]{{64}})"'
+        pattern = rf'href="([^"#]*{re.escape(filename)})#sha256=([0-9a-f]{{64}})"'
         if match := re.search(pattern, body):
             return urljoin(page, match.group(1)), match.group(2)
-    raise FetchError(f"{page}: the index lists no {WHEEL_NAME} with a sha256")
+    raise FetchError(f"{page}: the index lists no {filename} with a sha256")
 
 
-def _download(url: str, part: Path, label: str) -> None:
+def download(url: str, part: Path, label: str, again: str = "run fetch-weights again") -> None:
     """Fetch `url` into `part`, resuming from its current size when the server allows it.
 
     Raises:
@@ -294,13 +310,12 @@ def _download(url: str, part: Path, label: str) -> None:
                     bar.update(len(chunk))
         except (http.client.IncompleteRead, OSError) as error:
             raise FetchError(
-                f"{url}: the transfer broke off ({_reason(error)}); run fetch-weights again to "
-                f"resume from {part}"
+                f"{url}: the transfer broke off ({_reason(error)}); {again} to resume from {part}"
             ) from None
     if total is not None and part.stat().st_size != total:
         raise FetchError(
-            f"{url}: the transfer broke off after {part.stat().st_size} of {total} bytes; run "
-            f"fetch-weights again to resume from {part}"
+            f"{url}: the transfer broke off after {part.stat().st_size} of {total} bytes; "
+            f"{again} to resume from {part}"
         )
 
 

@@ -17,14 +17,18 @@ from bench.published import install_compose_for_balaitous
 from helpers import TINY_VIT
 from stoic_ct.cohort import read_cohort
 from stoic_ct.features import FeatureTable, encoder_key, extract
+from stoic_ct.fetch import UnreachableError, configured_index
 from stoic_ct.imageio import read_scan
 from stoic_ct.lung_segmentation import threshold_lungs
 from stoic_ct.phantom import write_phantom_cohort
 from stoic_ct.pipeline import Balaitous
 from stoic_ct.random_weights import write_random_model_dir
+from stoic_ct.sample_scans import sample_scans
 from stoic_ct.volume import Volume
 
 torch.set_num_threads(2)
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +100,19 @@ def cohort_table(
     key = encoder_key(tiny_model_dir, "exact", with_r231=False)
     cache = tmp_path_factory.mktemp("cohort-cache")
     return extract(read_cohort(phantom_cohort), tiny_model, cache, key, progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_scans() -> dict[str, Path]:
+    """The two public chest CTs of the pyradiomics 3.1.0 archive, cached in .cache/.
+
+    Skipped with a message only where the package index cannot be reached, never in CI.
+    """
+    try:
+        return sample_scans(REPOSITORY / ".cache" / "sample-scans", configured_index())
+    except UnreachableError as error:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(
+            f"the real chest CTs cannot be fetched, the package index is unreachable: {error}"
+        )
