@@ -45,6 +45,7 @@ from stoic_ct.errors import StoicError
 from stoic_ct.heads import Probabilities
 from stoic_ct.imageio import Scan, read_scan, scan_from_image
 from stoic_ct.model_files import MODEL_KINDS, default_model_dir
+from stoic_ct.orientation import Orientation
 from stoic_ct.pipeline import resolve_device
 from stoic_ct.systems import System, load_system
 
@@ -55,11 +56,17 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
     """evalutils' load -> validate -> process_cases -> save, around one of the systems."""
 
     def __init__(
-        self, *, input_dir: Path, output_dir: Path, model: System | Future[System]
+        self,
+        *,
+        input_dir: Path,
+        output_dir: Path,
+        model: System | Future[System],
+        orientation: Orientation = "canonical",
     ) -> None:
         """`model` may still be loading (a Future): the image is read meanwhile."""
         super().__init__(input_path=input_dir, output_path=output_dir, validators={})
         self.input_dir, self.output_dir, self._model = input_dir, output_dir, model
+        self.orientation = orientation
         self.scans: dict[int, Scan] = {}
 
     @cached_property
@@ -82,7 +89,7 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
     def load(self) -> None:
         """Find and read the one input image, with clear errors instead of evalutils' skipping."""
         path = find_input_image(self.inputs.image_dir)
-        self.scans = {0: read_scan(path)}
+        self.scans = {0: read_scan(path, self.orientation)}
         self._cases["input_image"] = DataFrame([{"path": path}])
 
     def process_case(self, *, idx: int, case: Any) -> dict[str, float]:
@@ -95,16 +102,7 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
     def predict_scan(self, scan: Scan) -> dict[str, float]:
         """Both output values for one scan, keyed by output file name."""
         demographics = demographics_for(scan, self.inputs)
-        logger.info(
-            "%s: %s voxels at %s mm; age %g (%s), sex %s (%s)",
-            scan.path,
-            "x".join(map(str, scan.volume.size)),
-            "x".join(f"{s:g}" for s in scan.volume.spacing),
-            demographics.age_years,
-            demographics.age_source,
-            demographics.sex or "unknown",
-            demographics.sex_source,
-        )
+        logger.info("%s; %s", scan.describe(), demographics.describe())
         try:
             result = self.model.predict(scan.volume, demographics)
         except StoicError as error:
@@ -169,7 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The models load while the image is read: both take seconds, mostly outside the GIL.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
             loading = pool.submit(load)
-            StoicAlgorithm(input_dir=args.input, output_dir=args.output, model=loading).process()
+            StoicAlgorithm(
+                input_dir=args.input,
+                output_dir=args.output,
+                model=loading,
+                orientation=args.orientation,
+            ).process()
     except StoicError as error:
         logger.error("%s", error)
         return 1

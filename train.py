@@ -91,7 +91,7 @@ def train(args: argparse.Namespace) -> None:
         encoder=args.encoder,
         with_heads=False,
     )
-    key = encoder_key(model_dir, args.precision, with_r231, args.encoder)
+    key = encoder_key(model_dir, args.precision, with_r231, args.encoder, args.orientation)
     table = extract(patients, model, args.scratch / "feature-cache", key, args.lung_masks)
     table.save(args.scratch / "features.npz")
     settings = FitSettings(seed=args.seed)

@@ -19,7 +19,6 @@ Commands:
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 import time
@@ -30,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from stoic_ct.batch import append_row, collected_warnings, qc_file_names, start_csv
 from stoic_ct.convnext3d import SIZES as CONVNEXT_SIZES
 from stoic_ct.demographics import parse_age, resolve_demographics
 from stoic_ct.errors import StoicError
 from stoic_ct.fetch import INDEX_URL, ZENODO_URL, configured_index
-from stoic_ct.imageio import image_stem, read_scan
+from stoic_ct.imageio import read_scan
 from stoic_ct.inflation import INFLATIONS, NORMALISATIONS
 from stoic_ct.model_files import (
     ENCODER_KINDS,
@@ -43,24 +43,13 @@ from stoic_ct.model_files import (
     REPOSITORY_ROOT,
     default_model_dir,
 )
+from stoic_ct.orientation import ORIENTATIONS
 from stoic_ct.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from stoic_ct.training import FitSettings
 
 logger = logging.getLogger("stoic_ct")
-
-CSV_COLUMNS = (
-    "image",
-    "probability_covid_19",
-    "probability_severe_covid_19",
-    "age_years",
-    "age_source",
-    "sex",
-    "sex_source",
-    "lung_found",
-    "error",
-)
 
 
 def configure_logging(verbose: bool = False, *, information_to_stdout: bool = False) -> None:
@@ -112,6 +101,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="vit: the published Balaitous encoders (default); convnext3d: the 3D ConvNeXt "
         "of convnext3d.pth with the heads of convnext3d_heads.npz",
     )
+    parser.add_argument(
+        "--orientation",
+        choices=ORIENTATIONS,
+        default="canonical",
+        help="canonical: reorient each scan to LPS, as STOIC stores scans (default; exact, "
+        "no interpolation); as-stored: feed the voxels in the file's order, as the "
+        "published package does",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,7 +141,16 @@ def _parser() -> argparse.ArgumentParser:
         help="sex for every scan (default: the PatientSex header, else unknown)",
     )
     predict.add_argument(
-        "--csv", type=Path, default=None, help="write the results to this CSV file"
+        "--csv",
+        type=Path,
+        default=None,
+        help="write the results to this CSV file, a row as each scan finishes",
+    )
+    predict.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of --csv that hold results and skip their scans (failed scans "
+        "run again)",
     )
     predict.add_argument(
         "--lung-mask",
@@ -592,8 +598,8 @@ def predict(args: argparse.Namespace) -> int:
         )
     if args.batch_size is not None and args.batch_size < 1:
         raise StoicError(f"--batch-size must be at least 1, not {args.batch_size}")
-    if args.csv is not None:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
+    if args.resume and args.csv is None:
+        raise StoicError("--resume needs --csv: the results table tells which scans are done")
     model_dir = args.model_dir or default_model_dir()
     device = resolve_device(args.device)
     started = time.perf_counter()
@@ -609,37 +615,50 @@ def predict(args: argparse.Namespace) -> int:
         "models loaded from %s on %s in %.1f s", model_dir, device, time.perf_counter() - started
     )
 
-    rows: list[dict[str, object]] = []
-    progress = tqdm(
-        list(zip(args.images, masks, strict=True)),
-        desc="scans",
-        unit="scan",
-        disable=None,
-        file=sys.stderr,
-    )
-    for image_path, mask_path in progress:
-        row: dict[str, object] = {"image": str(image_path)}
+    images = list(zip(args.images, masks, strict=True))
+    done: set[str] = set()
+    if args.csv is not None:
         try:
-            scan = read_scan(image_path)
-            demographics = resolve_demographics(
-                ages=[
-                    ("--age", args.age),
-                    (f"{image_path} header PatientAge", scan.header.get("PatientAge")),
-                ],
-                sexes=[
-                    ("--sex", args.sex),
-                    (f"{image_path} header PatientSex", scan.header.get("PatientSex")),
-                ],
-            )
-            mask = read_scan(mask_path).volume if mask_path is not None else None
+            done = start_csv(args.csv, args.resume)
+        except ValueError as error:
+            raise StoicError(str(error)) from None
+        if done:
+            logger.info("%s holds results for %d of the scans: skipping them", args.csv, len(done))
+    qc_names = qc_file_names(args.images)
+    failed = 0
+    progress = tqdm(images, desc="scans", unit="scan", disable=None, file=sys.stderr)
+    for (image_path, mask_path), qc_name in zip(progress, qc_names, strict=True):
+        if str(image_path) in done:
+            continue
+        row: dict[str, object] = {"image": str(image_path)}
+        with collected_warnings() as warnings:
             try:
-                result = model.predict(scan.volume, demographics, lung_labels=mask)
+                scan = read_scan(image_path, args.orientation)
+                demographics = resolve_demographics(
+                    ages=[
+                        ("--age", args.age),
+                        (f"{image_path} header PatientAge", scan.header.get("PatientAge")),
+                    ],
+                    sexes=[
+                        ("--sex", args.sex),
+                        (f"{image_path} header PatientSex", scan.header.get("PatientSex")),
+                    ],
+                )
+                logger.info("%s; %s", scan.describe(), demographics.describe())
+                mask = read_scan(mask_path).volume if mask_path is not None else None
+                try:
+                    result = model.predict(scan.volume, demographics, lung_labels=mask)
+                except StoicError as error:
+                    raise error.with_path(mask_path or image_path) from None
             except StoicError as error:
-                raise error.with_path(mask_path or image_path) from None
-        except StoicError as error:
-            logger.error("%s", error)
-            row["error"] = str(error)
-            rows.append(row)
+                logger.error("%s", error)
+                row["error"] = str(error)
+                result = None
+        row["warnings"] = " | ".join(warnings)
+        if result is None:
+            failed += 1
+            if args.csv is not None:
+                append_row(args.csv, row)
             continue
         p = result.probabilities
         row |= {
@@ -651,7 +670,8 @@ def predict(args: argparse.Namespace) -> int:
             "sex_source": demographics.sex_source,
             "lung_found": result.slices.lung_found,
         }
-        rows.append(row)
+        if args.csv is not None:
+            append_row(args.csv, row)
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
         logger.info("%s: %s", image_path, timings)
         print(
@@ -659,18 +679,13 @@ def predict(args: argparse.Namespace) -> int:
             flush=True,
         )
         if args.qc is not None:
-            png = write_qc(result, image_path.name[:40], args.qc / f"{image_stem(image_path)}.png")
+            png = write_qc(result, str(image_path), args.qc / qc_name, warnings)
             logger.info("quality-control picture: %s", png)
 
     if args.csv is not None:
-        with args.csv.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        logger.info("results written to %s", args.csv)
-    failed = sum(1 for row in rows if "error" in row)
+        logger.info("results in %s", args.csv)
     if failed:
-        logger.error("%d of %d scans failed; see the messages above", failed, len(rows))
+        logger.error("%d of %d scans failed; see the messages above", failed, len(images))
     return 1 if failed else 0
 
 
@@ -787,7 +802,9 @@ def extract_features(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         with_heads=False,
     )
-    key = encoder_key(model_dir, args.precision, args.lung_masks is None, args.encoder)
+    key = encoder_key(
+        model_dir, args.precision, args.lung_masks is None, args.encoder, args.orientation
+    )
     cache = args.cache or args.out.parent / ".feature-cache"
     table = extract(patients, model, cache, key, masks_dir=args.lung_masks)
     table = replace(table, provenance=table.provenance | {"shard": f"{index}/{count}"})

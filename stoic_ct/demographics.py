@@ -59,6 +59,13 @@ class Demographics:
     age_source: str = "default"
     sex_source: str = "default"
 
+    def describe(self) -> str:
+        """One line for logs: "age 65 (header PatientAge), sex M (header PatientSex)"."""
+        return (
+            f"age {self.age_years:g} ({self.age_source}), "
+            f"sex {self.sex or 'unknown'} ({self.sex_source})"
+        )
+
     @property
     def age_feature(self) -> float:
         """Age / 100, clipped to [0.25, 0.95], as the severity heads take it."""
@@ -74,7 +81,8 @@ def parse_age(value: object) -> float:
     """Age in years from a number or a string such as "065Y", "65", "18M".
 
     Raises:
-        ValueError: when the value is not a finite age in [0, 130] years.
+        ValueError: when the value is not a finite age in (0, 130] years. An age of 0
+            ("000Y") is the placeholder anonymisation tools write, not an age.
     """
     if isinstance(value, bool):
         raise ValueError(f"age must be a number of years, not {value!r}")
@@ -89,6 +97,8 @@ def parse_age(value: object) -> float:
         raise ValueError(f"age must be a number of years, not {type(value).__name__} {value!r}")
     if not math.isfinite(years) or not 0 <= years <= MAX_PLAUSIBLE_AGE_YEARS:
         raise ValueError(f"age {value!r} is not an age in years between 0 and 130")
+    if years == 0:
+        raise ValueError(f"age {value!r} is 0, the placeholder of anonymised scans, not an age")
     return years
 
 

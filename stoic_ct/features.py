@@ -38,6 +38,7 @@ from stoic_ct.demographics import Demographics, resolve_demographics
 from stoic_ct.errors import InputError, StoicError
 from stoic_ct.imageio import read_scan
 from stoic_ct.model_files import ModelFiles, sha256_of
+from stoic_ct.orientation import Orientation
 from stoic_ct.pipeline import Encoded
 from stoic_ct.volume import Volume
 
@@ -183,13 +184,18 @@ class Encoder(Protocol):
 
 
 def encoder_key(
-    model_dir: Path, precision: str, with_r231: bool, encoder: str = "vit"
+    model_dir: Path,
+    precision: str,
+    with_r231: bool,
+    encoder: str = "vit",
+    orientation: Orientation = "canonical",
 ) -> dict[str, Any]:
-    """What the features depend on besides the scan: the model files' sha256, the precision.
+    """What the features depend on besides the scan: the model files' sha256, the precision,
+    the orientation the scans are read in.
 
     Returns:
         {"encoder_key": hex digest, "model_files": {name: sha256}, "precision": ...,
-        "encoder": "vit" or "convnext3d"}.
+        "encoder": "vit" or "convnext3d", "orientation": "canonical" or "as-stored"}.
     """
     files = ModelFiles(model_dir)
     encoders = [files.convnext3d] if encoder == "convnext3d" else [files.vit_ct, files.vit_imagenet]
@@ -197,10 +203,15 @@ def encoder_key(
     started = time.perf_counter()
     digests = {p.name: sha256_of(p) for p in paths}
     logger.info("hashed the model files in %.1f s", time.perf_counter() - started)
-    key = hashlib.sha256(
-        json.dumps({"files": digests, "precision": precision}, sort_keys=True).encode()
-    ).hexdigest()
-    return {"encoder_key": key, "model_files": digests, "precision": precision, "encoder": encoder}
+    settings = {"files": digests, "precision": precision, "orientation": orientation}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return {
+        "encoder_key": key,
+        "model_files": digests,
+        "precision": precision,
+        "encoder": encoder,
+        "orientation": orientation,
+    }
 
 
 def find_mask(masks_dir: Path, patient: str) -> Path:
@@ -248,7 +259,7 @@ def extract(
             entry = cache_dir / _cache_name(patient.image, mask, key["encoder_key"])
             features = _read_cached(entry)
             if features is None:
-                features = _compute(patient, model, mask)
+                features = _compute(patient, model, mask, key["orientation"])
                 _write_cached(entry, features)
             else:
                 cached += 1
@@ -319,8 +330,10 @@ def _table(
     )
 
 
-def _compute(patient: Patient, model: Encoder, mask: Path | None) -> ScanFeatures:
-    scan = read_scan(patient.image)
+def _compute(
+    patient: Patient, model: Encoder, mask: Path | None, orientation: Orientation
+) -> ScanFeatures:
+    scan = read_scan(patient.image, orientation)
     demographics = resolve_demographics(
         [("header PatientAge", scan.header.get("PatientAge"))],
         [("header PatientSex", scan.header.get("PatientSex"))],

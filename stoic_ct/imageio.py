@@ -7,8 +7,10 @@ anything else is refused with an `InputError` that says what was wrong.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +18,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from stoic_ct.errors import InputError
+from stoic_ct.orientation import CANONICAL, Orientation, orientation_code, to_canonical
 from stoic_ct.volume import Volume
 
 logger = logging.getLogger(__name__)
+
+# ITK prints its warnings on stderr, in C++ terms, before our one-line errors; the one that
+# carries information (a DICOM series with missing slices) is checked here instead.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 # DICOM tags (group|element) for the header fields the MetaImage files of STOIC carry by name.
 _DICOM_TAGS = {"PatientAge": "0010|1010", "PatientSex": "0010|0040"}
@@ -26,6 +33,9 @@ HEADER_KEYS = tuple(_DICOM_TAGS)
 
 # Air. Non-finite voxels become air, which is also the value the pipeline pads with.
 AIR_HU = -1024.0
+# A DICOM series whose slice gaps differ from their median by more than this fraction has
+# missing or unevenly spaced slices (positions rounded to 0.1 mm stay well within it).
+SLICE_GAP_TOLERANCE = 0.2
 
 
 @dataclass(frozen=True)
@@ -34,17 +44,32 @@ class Scan:
 
     Attributes:
         path: the file or DICOM folder it was read from.
-        volume: voxels (z, y, x) in HU, in the file's own pixel type.
+        volume: voxels (z, y, x) in HU, in the file's own pixel type; in LPS order unless
+            read with orientation "as-stored".
         header: `PatientAge` / `PatientSex` strings when the file has them.
+        stored_as: the orientation code of the file's own storage, e.g. "LPS", "RAS".
     """
 
     path: Path
     volume: Volume
     header: dict[str, str] = field(default_factory=dict)
+    stored_as: str = CANONICAL
+
+    def describe(self) -> str:
+        """One line for logs: "PATH: 512x512x61 voxels at 0.627x0.627x5 mm" (x, y, z)."""
+        size = "x".join(str(n) for n in self.volume.size)
+        spacing = "x".join(f"{s:.3g}" for s in self.volume.spacing)
+        stored = "" if self.stored_as == CANONICAL else f", stored {self.stored_as}"
+        return f"{self.path}: {size} voxels at {spacing} mm{stored}"
 
 
-def read_scan(path: Path | str) -> Scan:
+def read_scan(path: Path | str, orientation: Orientation = "canonical") -> Scan:
     """Read one CT from an image file or a DICOM folder.
+
+    Args:
+        orientation: "canonical" reorients the voxels to LPS, as STOIC stores its scans
+            (stoic_ct.orientation; logged when it changes anything); "as-stored" keeps the
+            file's order, as the published package does.
 
     Raises:
         InputError: naming `path`, when it does not exist, cannot be read, is not a 3D
@@ -61,10 +86,24 @@ def read_scan(path: Path | str) -> Scan:
         volume = _checked_volume(image)
     except InputError as error:
         raise error.with_path(path) from None
-    return Scan(path=path, volume=volume, header=header)
+    stored_as = orientation_code(volume)
+    if orientation == "canonical" and stored_as != CANONICAL:
+        volume = to_canonical(volume)
+        logger.info(
+            "%s: stored %s; reoriented to %s as STOIC stores scans (axes permuted and "
+            "flipped, no interpolation)",
+            path,
+            stored_as,
+            CANONICAL,
+        )
+    return Scan(path=path, volume=volume, header=header, stored_as=stored_as)
 
 
 def _read_image_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
+    if path.suffix.lower() == ".mhd":
+        _check_data_file(path)
+    if path.suffix.lower() == ".gz":
+        _check_gzip(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -81,6 +120,30 @@ def _read_image_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
             f"cannot read its voxels; the file is truncated or corrupt ({_itk_reason(error)})"
         ) from None
     return image, header_of(image)
+
+
+def _check_data_file(header: Path) -> None:
+    """The voxel file a MetaImage header (.mhd) names must exist beside it."""
+    try:
+        text = header.read_text(encoding="latin-1", errors="replace")
+    except OSError as error:
+        raise InputError(f"cannot read it ({error.strerror})") from None
+    match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", text, flags=re.MULTILINE)
+    if match is None or match.group(1).upper() in ("LOCAL", "LIST") or "%" in match.group(1):
+        return
+    data = header.parent / match.group(1)
+    if not data.is_file():
+        raise InputError(f"its voxel file {data.name} is missing (expected at {data})")
+
+
+def _check_gzip(path: Path) -> None:
+    """A gzip file must decompress to its end: ITK fills a truncated one with zeros."""
+    try:
+        with gzip.open(path) as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as error:
+        raise InputError(f"its compressed data is truncated or corrupt ({error})") from None
 
 
 def header_of(image: sitk.Image) -> dict[str, str]:
@@ -110,7 +173,13 @@ def scan_from_image(image: sitk.Image, path: Path) -> Scan:
 def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict[str, str]]:
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise InputError("the folder holds no DICOM series")
+        nested = sorted(
+            d.name
+            for d in folder.iterdir()
+            if d.is_dir() and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d))
+        )
+        hint = f"; its subfolders {', '.join(nested[:5])} do: give one of them" if nested else ""
+        raise InputError(f"the folder holds no DICOM series{hint}")
     files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
     chosen = max(series, key=lambda sid: len(files[sid]))
     if len(series) > 1:
@@ -120,6 +189,10 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict[str, str]]:
             len(series),
             chosen,
             len(files[chosen]),
+        )
+    if len(files[chosen]) == 1:
+        raise InputError(
+            "its DICOM series has a single slice, a 2D image; a CT scan is a 3D volume"
         )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
@@ -134,12 +207,40 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict[str, str]]:
         image.GetNumberOfComponentsPerPixel(),
         image.GetPixelID(),
     )
+    _check_slice_gaps(reader, image)
     header = {
         key: reader.GetMetaData(0, tag).strip()
         for key, tag in _DICOM_TAGS.items()
         if reader.HasMetaDataKey(0, tag)
     }
     return image, header
+
+
+def _check_slice_gaps(reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
+    """The slices of a series must be evenly spaced: a missing one would shift the grid.
+
+    Positions (Image Position Patient) are measured along the slice normal, in the order
+    the series reader sorted the files.
+    """
+    count = len(reader.GetFileNames())
+    if not all(reader.HasMetaDataKey(i, "0020|0032") for i in range(count)):
+        return
+    normal = np.reshape(image.GetDirection(), (3, 3))[:, 2]
+    positions = np.array(
+        [
+            np.dot(normal, [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+            for i in range(count)
+        ]
+    )
+    gaps = np.abs(np.diff(positions))
+    typical = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - typical)))
+    if typical <= 0 or abs(gaps[worst] - typical) > SLICE_GAP_TOLERANCE * typical:
+        raise InputError(
+            f"its DICOM series has missing or unevenly spaced slices: {gaps[worst]:.3g} mm "
+            f"between slices {worst + 1} and {worst + 2} of {count}, where the others are "
+            f"{typical:.3g} mm apart"
+        )
 
 
 def _check_header(dimension: int, size: tuple[int, ...], components: int, pixel_id: int) -> None:

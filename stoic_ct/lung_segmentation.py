@@ -149,6 +149,10 @@ class R231Segmenter:
         return out
 
 
+# Two lungs hold 4-6 L; a scan cut at mid-thorax still shows well over this much of them.
+MIN_LUNG_MASK_ML = 250.0
+
+
 def labels_from_mask_image(mask: Volume, reference: Volume) -> np.ndarray:
     """Lung labels on `reference`'s grid from a user's mask image of any geometry.
 
@@ -158,6 +162,9 @@ def labels_from_mask_image(mask: Volume, reference: Volume) -> np.ndarray:
 
     Returns:
         (z, y, x) uint8 labels on `reference`'s grid.
+
+    A mask under MIN_LUNG_MASK_ML (a lesion label given by mistake, say) is used with a
+    warning.
 
     Raises:
         InputError: when the values are neither {0, 1, 2} nor one foreground value, or
@@ -175,6 +182,13 @@ def labels_from_mask_image(mask: Volume, reference: Volume) -> np.ndarray:
     on_grid = resample_labels(mask, reference)
     if not np.any(on_grid):
         raise InputError("no lung voxel of the mask falls inside the scan")
+    millilitres = np.count_nonzero(on_grid) * float(np.prod(reference.spacing)) / 1000.0
+    if millilitres < MIN_LUNG_MASK_ML:
+        logger.warning(
+            "the lung mask covers only %.0f mL of the scan, where lungs hold litres: is it a "
+            "lung mask, not a lesion or tumour label? The crop and the slices follow it",
+            millilitres,
+        )
     if is_labelled:
         return on_grid.astype(np.uint8)
     return split_lungs(on_grid != 0, reference)

@@ -8,6 +8,8 @@ slices given to the encoders marked.
 
 from __future__ import annotations
 
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,9 @@ MASK_COLOUR = (0, 220, 0)
 KEPT_COLOUR = (255, 200, 0)
 TEXT_COLOUR = (255, 255, 255)
 WARNING_COLOUR = (255, 80, 80)
+TEXT_WIDTH = 330  # pixels of the text column
+TEXT_CHARACTERS = 38  # of the default 14-pixel font that fit in it
+LINE_HEIGHT = 22
 
 
 def _grey(hu: np.ndarray) -> np.ndarray:
@@ -39,8 +44,12 @@ def _outlined(hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def render_qc(result: Result, title: str) -> Image.Image:
-    """The QC picture for one result: axial and coronal views with the text beside them."""
+def render_qc(result: Result, title: str, warnings: Sequence[str] = ()) -> Image.Image:
+    """The QC picture for one result: axial and coronal views with the text beside them.
+
+    `warnings` (what was logged about the scan) are written in red below the facts; long
+    lines are wrapped to the text column.
+    """
     stack = result.slices
     image, mask, kept = stack.image, stack.mask, stack.kept
     depth = image.shape[2]
@@ -66,14 +75,12 @@ def render_qc(result: Result, title: str) -> Image.Image:
     coronal = coronal.resize(
         (coronal.width * ZOOM, coronal.height * ZOOM), Image.Resampling.NEAREST
     )
-    text_width = 330
     canvas = Image.new(
-        "RGB", (axial.width + coronal.width + text_width, max(axial.height, coronal.height, 260))
+        "RGB", (axial.width + coronal.width + TEXT_WIDTH, max(axial.height, coronal.height, 260))
     )
     canvas.paste(axial, (0, 0))
     canvas.paste(coronal, (axial.width, 0))
 
-    draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=14)
     p, d = result.probabilities, result.demographics
     lines = [
@@ -90,14 +97,24 @@ def render_qc(result: Result, title: str) -> Image.Image:
         lines.append(("NO LUNG FOUND: all slices used", WARNING_COLOUR))
     if not np.any(image != PAD_HU):
         lines.append(("the crop holds only padding", WARNING_COLOUR))
+    lines += [(f"warning: {w}", WARNING_COLOUR) for w in warnings]
+    wrapped = [
+        (part, colour) for text, colour in lines for part in textwrap.wrap(text, TEXT_CHARACTERS)
+    ]
+    height = max(canvas.height, 20 + LINE_HEIGHT * len(wrapped))
+    if height > canvas.height:
+        taller = Image.new("RGB", (canvas.width, height))
+        taller.paste(canvas, (0, 0))
+        canvas = taller
+    draw = ImageDraw.Draw(canvas)
     x = axial.width + coronal.width + 10
-    for i, (text, colour) in enumerate(lines):
-        draw.text((x, 10 + 22 * i), text, fill=colour, font=font)
+    for i, (text, colour) in enumerate(wrapped):
+        draw.text((x, 10 + LINE_HEIGHT * i), text, fill=colour, font=font)
     return canvas
 
 
-def write_qc(result: Result, title: str, path: Path) -> Path:
+def write_qc(result: Result, title: str, path: Path, warnings: Sequence[str] = ()) -> Path:
     """Render the QC picture and save it as PNG at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    render_qc(result, title).save(path)
+    render_qc(result, title, warnings).save(path)
     return path

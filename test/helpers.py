@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,33 @@ def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") ->
         ("probability-severe-covid-19.json", expected.severe),
     ):
         assert abs(json.loads((work / "output" / name).read_text()) - value) <= 1e-6, name
+
+
+def write_dicom_series(
+    image: sitk.Image, folder: Path, slices: Sequence[int] | None = None
+) -> Path:
+    """`image` as a DICOM series, one file per axial slice, as a scanner stores it; only
+    the slice indices `slices` when given (to make a series with a slice missing)."""
+    folder.mkdir(parents=True)
+    direction = image.GetDirection()
+    orientation = "\\".join(f"{c:g}" for c in (*direction[0:7:3], *direction[1:8:3]))
+    for k in range(image.GetDepth()) if slices is None else slices:
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        section = image[:, :, k]
+        for tag, value in {
+            "0008|0060": "CT",
+            "0010|1010": "060Y",
+            "0010|0040": "F",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{c:.6f}" for c in position),
+            "0020|0037": orientation,
+            "0018|0050": f"{image.GetSpacing()[2]:g}",
+        }.items():
+            section.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"{k:04d}.dcm"))
+        writer.Execute(section)
+    return folder

@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from helpers import SMALL_PHANTOM, write_case
-from stoic_ct.cli import CSV_COLUMNS, main
+from stoic_ct.batch import CSV_COLUMNS
+from stoic_ct.cli import main
 from stoic_ct.demographics import Demographics
 from stoic_ct.imageio import read_scan
 from stoic_ct.lung_segmentation import threshold_lungs
@@ -114,6 +115,52 @@ def test_a_bad_scan_is_reported_and_the_rest_run(
     assert "cannot read it as an image" in rows[0]["error"]
     assert rows[1]["error"] == "" and float(rows[1]["probability_covid_19"]) > 0
     assert "1 of 2 scans failed" in caplog.text
+
+
+def test_an_interrupted_batch_resumes(
+    tiny_model_dir: Path,
+    two_scans: list[tuple[Path, Path]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Rows are written as scans finish; --resume keeps them and runs only the rest. A scan
+    whose age is the anonymisation placeholder 000Y is scored with the default age, and
+    the warning is in its row and its QC picture."""
+    (first, first_mask), (nifti, second_mask) = two_scans
+    placeholder = sitk.ReadImage(str(nifti))
+    placeholder.SetMetaData("PatientAge", "000Y")
+    second = tmp_path / "scan1.mha"  # NIfTI keeps no PatientAge; MetaImage does
+    sitk.WriteImage(placeholder, str(second))
+    table = tmp_path / "results.csv"
+    common = ["--model-dir", str(tiny_model_dir), "--device", "cpu", "--csv", str(table)]
+    # The first run "stopped" after one scan.
+    assert main(["predict", str(first), "--lung-mask", str(first_mask), *common]) == 0
+    assert [r["image"] for r in csv.DictReader(table.open())] == [str(first)]
+    capsys.readouterr()
+    images = [str(first), str(second), "--lung-mask", str(first_mask), "--lung-mask"]
+    assert (
+        main(
+            [
+                "predict",
+                *images,
+                str(second_mask),
+                *common,
+                "--resume",
+                "--qc",
+                str(tmp_path / "qc"),
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.count("P(COVID-19)=") == 1
+    rows = list(csv.DictReader(table.open()))
+    assert [r["image"] for r in rows] == [str(first), str(second)]
+    assert (rows[1]["age_years"], rows[1]["age_source"]) == ("65", "default")
+    assert "'000Y' is 0, the placeholder of anonymised scans" in rows[1]["warnings"]
+    assert sorted(p.name for p in (tmp_path / "qc").iterdir()) == ["scan1.png"]
+    # Without --resume the table starts again.
+    assert main(["predict", str(first), "--lung-mask", str(first_mask), *common]) == 0
+    assert len(list(csv.DictReader(table.open()))) == 1
 
 
 def test_mask_count_must_match(

@@ -20,7 +20,7 @@ from stoic_ct.demographics import Demographics, parse_age, parse_sex, resolve_de
         (35.5, 35.5),
         ("018M", 1.5),
         ("104W", 104 * 7 / 365.25),
-        ("0y", 0.0),
+        ("003D", 3 / 365.25),
     ],
 )
 def test_parse_age(raw: object, years: float) -> None:
@@ -33,6 +33,20 @@ def test_parse_age(raw: object, years: float) -> None:
 def test_parse_age_refuses(raw: object) -> None:
     with pytest.raises(ValueError, match="age"):
         parse_age(raw)
+
+
+@pytest.mark.parametrize("raw", ["000Y", "0y", "0", 0, 0.0])
+def test_an_age_of_zero_is_a_placeholder(raw: object) -> None:
+    with pytest.raises(ValueError, match="is 0, the placeholder of anonymised scans"):
+        parse_age(raw)
+
+
+def test_a_placeholder_age_gives_the_default_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    result = resolve_demographics([("header PatientAge", "000Y")], [("header PatientSex", "F")])
+    assert (result.age_years, result.age_source) == (65.0, "default")
+    assert "header PatientAge: age '000Y' is 0, the placeholder" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers import write_image
+from helpers import write_dicom_series, write_image
 from stoic_ct.errors import InputError
 from stoic_ct.imageio import read_scan
 
@@ -141,3 +141,77 @@ def test_complex_voxels(tmp_path: Path) -> None:
     sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkComplexFloat32), str(path))
     with pytest.raises(InputError, match="complex numbers"):
         read_scan(path)
+
+
+def test_a_flipped_storage_is_read_in_lps(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same physical scan stored RAS (NIfTI's habit) reads as the LPS one, with a log
+    line; "as-stored" keeps the file's order, as the published package does."""
+    lps = write_image(tmp_path / "lps.mha", VOXELS, spacing=(0.8, 0.9, 2.5))
+    ras_image = sitk.Flip(sitk.ReadImage(str(lps)), (True, True, False))
+    sitk.WriteImage(ras_image, str(tmp_path / "ras.nii.gz"))
+    with caplog.at_level(logging.INFO, logger="stoic_ct.imageio"):
+        scan = read_scan(tmp_path / "ras.nii.gz")
+    assert scan.stored_as == "RAS"
+    np.testing.assert_array_equal(scan.volume.voxels, VOXELS)
+    assert scan.volume.origin == pytest.approx(read_scan(lps).volume.origin, abs=1e-5)  # float32
+    assert "ras.nii.gz: stored RAS; reoriented to LPS" in caplog.text
+    as_stored = read_scan(tmp_path / "ras.nii.gz", "as-stored")
+    np.testing.assert_array_equal(as_stored.volume.voxels, VOXELS[:, ::-1, ::-1])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stoic_ct.imageio"):
+        assert read_scan(lps).stored_as == "LPS"
+    assert "reoriented" not in caplog.text
+
+
+def test_a_truncated_gzip_file(tmp_path: Path) -> None:
+    """ITK reads a truncated .nii.gz without a word, the missing slices as 0 HU."""
+    path = write_image(tmp_path / "scan.nii.gz", np.full((20, 32, 32), -800, np.int16))
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(InputError, match=r"scan.nii.gz: its compressed data is truncated"):
+        read_scan(path)
+
+
+def test_an_mhd_without_its_voxel_file(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "scan.mhd", VOXELS)
+    (tmp_path / "scan.raw").unlink()
+    with pytest.raises(InputError, match=r"scan.mhd: its voxel file scan.raw is missing"):
+        read_scan(path)
+
+
+def series_image(depth: int = 6) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.full((depth, 8, 8), -700, np.int16))
+    image.SetSpacing((0.8, 0.8, 2.5))
+    return image
+
+
+def test_a_series_with_a_missing_slice(tmp_path: Path) -> None:
+    folder = write_dicom_series(series_image(), tmp_path / "dicom", slices=[0, 1, 2, 4, 5])
+    with pytest.raises(
+        InputError,
+        match=r"dicom: its DICOM series has missing or unevenly spaced slices: 5 mm between "
+        r"slices 3 and 4 of 5, where the others are 2.5 mm apart",
+    ):
+        read_scan(folder)
+
+
+def test_a_one_slice_series(tmp_path: Path) -> None:
+    folder = write_dicom_series(series_image(), tmp_path / "dicom", slices=[3])
+    with pytest.raises(InputError, match="its DICOM series has a single slice, a 2D image"):
+        read_scan(folder)
+
+
+def test_series_in_subfolders(tmp_path: Path) -> None:
+    write_dicom_series(series_image(), tmp_path / "study" / "series-a")
+    (tmp_path / "study" / "notes").mkdir()
+    with pytest.raises(
+        InputError, match="holds no DICOM series; its subfolders series-a do: give one of them"
+    ):
+        read_scan(tmp_path / "study")
+
+
+def test_no_itk_warning_reaches_stderr(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The missing-slice warning ITK would print in C++ terms stays out of the output."""
+    folder = write_dicom_series(series_image(), tmp_path / "dicom", slices=[0, 1, 2, 4, 5])
+    with pytest.raises(InputError):
+        read_scan(folder)
+    assert "WARNING" not in capfd.readouterr().err

@@ -164,3 +164,22 @@ def test_mask_outside_the_scan_is_refused() -> None:
     far = Volume(binary.astype(np.uint8), reference.spacing, (500.0, 0.0, 0.0), IDENTITY)
     with pytest.raises(InputError, match="no lung voxel of the mask falls inside the scan"):
         labels_from_mask_image(far, reference)
+
+
+def test_a_mask_far_smaller_than_lungs_is_used_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 1 mL label (a tumour's, say) given as the lung mask; then two lung-sized blocks."""
+    shape, spacing = (40, 100, 100), (1.5, 1.5, 5.0)
+    reference = Volume(np.zeros(shape, np.int16), spacing, (0.0, 0.0, 0.0), IDENTITY)
+    tumour = np.zeros(shape, np.uint8)
+    tumour[20, 50:60, 50:60] = 1  # 100 voxels of 11.25 mm3
+    labels = labels_from_mask_image(Volume(tumour, spacing, (0.0, 0.0, 0.0), IDENTITY), reference)
+    assert np.count_nonzero(labels) == 100
+    assert "the lung mask covers only 1 mL of the scan" in caplog.text
+    caplog.clear()
+    lungs = np.zeros(shape, np.uint8)
+    lungs[10:30, 30:70, 10:40] = 1  # 270 mL
+    lungs[10:30, 30:70, 60:90] = 2
+    labels_from_mask_image(Volume(lungs, spacing, (0.0, 0.0, 0.0), IDENTITY), reference)
+    assert "covers only" not in caplog.text
