@@ -195,7 +195,8 @@ def prepare_output_dir(output_dir: Path) -> None:
 
 
 def write_outputs(output_dir: Path, probabilities: Probabilities) -> dict[str, Path]:
-    """Write both probabilities as bare JSON floats, each through a temporary file and a rename.
+    """Write both probabilities as bare JSON floats (and a newline), each through a temporary
+    file and a rename.
 
     Raises:
         InputError: when the folder cannot be written to; no output is left behind then.
@@ -212,7 +213,7 @@ def write_outputs(output_dir: Path, probabilities: Probabilities) -> dict[str, P
             staged[Path(staging)] = output_dir / name
             os.fchmod(handle, READABLE)
             with os.fdopen(handle, "w", encoding="utf-8") as f:
-                f.write(json.dumps(float(value)))
+                f.write(json.dumps(float(value)) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         for temporary, final in staged.items():

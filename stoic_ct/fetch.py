@@ -136,6 +136,7 @@ def fetch_weights(dest: Path, sources: Sources, check: Checker) -> dict[str, str
     for spec in needed:
         host = urlsplit(sources.url(spec)).netloc
         if host in unreachable:
+            problems.append(f"{sources.url(spec)}: not tried, {host} did not answer")
             failures.append(spec)
             continue
         try:

@@ -170,7 +170,7 @@ def test_unreadable_inputs_json(tmp_path: Path, text: str, message: str) -> None
 
 def test_outputs_are_bare_json_floats(tmp_path: Path) -> None:
     write_outputs(tmp_path, Probabilities(covid=0.25, severe=0.125))
-    assert json.loads((tmp_path / COVID_OUTPUT).read_text()) == 0.25
+    assert (tmp_path / COVID_OUTPUT).read_text() == "0.25\n"
     assert json.loads((tmp_path / SEVERE_OUTPUT).read_text()) == 0.125
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([COVID_OUTPUT, SEVERE_OUTPUT])
 

@@ -239,6 +239,10 @@ def test_unreachable_server_fails_fast_with_instructions(tmp_path: Path) -> None
     message = str(error.value)
     assert "4 model file(s) could not be fetched" in message
     assert "Connection refused" in message
+    # One cause per file: the first refused, the others on that server not tried.
+    causes = message.split("Fetch them by hand")[0].splitlines()[1:]
+    assert len(causes) == 4, causes
+    assert sum(f"not tried, 127.0.0.1:{port} did not answer" in c for c in causes) == 3
     for name in NAMES:
         assert f"-> {tmp_path / name}" in message
     assert f"http://127.0.0.1:{port}/zenodo/vitl_16_ct.pth" in message
