@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import re
+import sys
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,12 +82,13 @@ def read_scan(path: Path | str, orientation: Orientation = "canonical") -> Scan:
     """
     path = Path(path)
     try:
-        if path.is_dir():
-            image, header = _read_dicom_folder(path)
-        elif path.is_file():
-            image, header = _read_image_file(path)
-        else:
-            raise InputError("no such file or folder")
+        with _itk_chatter_kept_off_stderr():
+            if path.is_dir():
+                image, header = _read_dicom_folder(path)
+            elif path.is_file():
+                image, header = _read_image_file(path)
+            else:
+                raise InputError("no such file or folder")
         volume = _checked_volume(image)
     except InputError as error:
         raise error.with_path(path) from None
@@ -97,6 +103,42 @@ def read_scan(path: Path | str, orientation: Orientation = "canonical") -> Scan:
             CANONICAL,
         )
     return Scan(path=path, volume=volume, header=header, stored_as=stored_as)
+
+
+# A line of this package's log format (stoic_ct.cli.configure_logging).
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+
+
+@contextmanager
+def _itk_chatter_kept_off_stderr() -> Iterator[None]:
+    """Keep what ITK's readers print straight on the process's stderr off the output.
+
+    MetaIO and GDCM write to the C++ error stream ("MetaImage: M_ReadElementsData: data
+    not read completely"), beside the error we raise for the same cause. Inside the block
+    file descriptor 2 goes to a temporary file; afterwards lines in our log format (another
+    thread's, meanwhile) are written back, and the rest is logged at DEBUG.
+    """
+    try:
+        sink = tempfile.TemporaryFile()  # noqa: SIM115 (entered below, once it exists)
+    except OSError:  # nowhere to write: leave stderr as it is
+        yield
+        return
+    with sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode("utf-8", "replace").splitlines():
+                if _LOG_LINE.match(line):
+                    os.write(2, f"{line}\n".encode())
+                elif line.strip():
+                    logger.debug("ITK: %s", line.strip())
 
 
 def _read_image_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:

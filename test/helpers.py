@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import SimpleITK as sitk
 
 from stoic_ct.phantom import PhantomSpec, make_phantom, write_phantom
 from stoic_ct.vit import ViTConfig
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 # 24 blocks so that both encoders can be built from it; 64 channels keep it fast on a CPU.
 TINY_VIT = ViTConfig(embed_dim=64, depth=24, num_heads=1, mlp_hidden=128)
@@ -90,8 +94,6 @@ def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") ->
     """process.py, in a subprocess on a thin phantom, gives what the pipeline built in this
     process from `model_dir`'s files gives (within 1e-6): it loaded those files."""
     import json
-    import subprocess
-    import sys
 
     import torch
 
@@ -103,7 +105,7 @@ def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") ->
     done = subprocess.run(
         [
             sys.executable,
-            str(Path(__file__).resolve().parent.parent / "process.py"),
+            str(REPOSITORY / "process.py"),
             *("--input", str(work / "input"), "--output", str(work / "output")),
             *("--model-dir", str(model_dir), "--device", "cpu", "--encoder", encoder),
         ],
@@ -126,11 +128,12 @@ def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") ->
 
 
 def write_dicom_series(
-    image: sitk.Image, folder: Path, slices: Sequence[int] | None = None
+    image: sitk.Image, folder: Path, slices: Sequence[int] | None = None, series: int = 2
 ) -> Path:
     """`image` as a DICOM series, one file per axial slice, as a scanner stores it; only
-    the slice indices `slices` when given (to make a series with a slice missing)."""
-    folder.mkdir(parents=True)
+    the slice indices `slices` when given (to make a series with a slice missing). Series
+    written with different `series` numbers into one folder are distinct series."""
+    folder.mkdir(parents=True, exist_ok=True)
     direction = image.GetDirection()
     orientation = "\\".join(f"{c:g}" for c in (*direction[0:7:3], *direction[1:8:3]))
     for k in range(image.GetDepth()) if slices is None else slices:
@@ -141,7 +144,7 @@ def write_dicom_series(
             "0010|1010": "060Y",
             "0010|0040": "F",
             "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
+            "0020|000e": f"1.2.826.0.1.3680043.2.1125.1.{series}",
             "0020|0013": str(k + 1),
             "0020|0032": "\\".join(f"{c:.6f}" for c in position),
             "0020|0037": orientation,
@@ -150,6 +153,29 @@ def write_dicom_series(
             section.SetMetaData(tag, value)
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"{k:04d}.dcm"))
+        writer.SetFileName(str(folder / f"{series}-{k:04d}.dcm"))
         writer.Execute(section)
     return folder
+
+
+def run_process(
+    *args: str | Path, as_user: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(REPOSITORY / "process.py"), *map(str, args), "--device", "cpu"]
+    return subprocess.run(
+        contained(command) if as_user else command,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HOME": "/nonexistent", **(env or {})},
+    )
+
+
+def run_as_container(
+    input_dir: Path, output: Path, model_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """process.py as the container runs it: no network, a non-root user, the folders given."""
+    return run_process(
+        "--input", input_dir, "--output", output, "--model-dir", model_dir, as_user=True, env=env
+    )

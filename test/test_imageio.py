@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import SimpleITK as sitk
 
 from helpers import write_dicom_series, write_image
 from stoic_ct.errors import InputError
-from stoic_ct.imageio import read_scan
+from stoic_ct.imageio import _itk_chatter_kept_off_stderr, read_scan
 
 VOXELS = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60
 
@@ -194,6 +195,22 @@ def test_a_series_with_a_missing_slice(tmp_path: Path) -> None:
         read_scan(folder)
 
 
+def test_a_series_with_uneven_gaps(tmp_path: Path) -> None:
+    """Slices 2.5, 2.5, 3.5 and 2.5 mm apart (from a grid of 0.5 mm)."""
+    image = series_image(depth=23)
+    image.SetSpacing((0.8, 0.8, 0.5))
+    folder = write_dicom_series(image, tmp_path / "dicom", slices=[0, 5, 10, 17, 22])
+    with pytest.raises(InputError, match=r"3.5 mm between slices 3 and 4 of 5, where the others"):
+        read_scan(folder)
+
+
+def test_several_series_in_one_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_dicom_series(series_image(6), tmp_path / "dicom", series=2)
+    write_dicom_series(series_image(3), folder, series=3)
+    assert read_scan(folder).volume.size[2] == 6
+    assert "holds 2 DICOM series; reading the largest" in caplog.text
+
+
 def test_a_one_slice_series(tmp_path: Path) -> None:
     folder = write_dicom_series(series_image(), tmp_path / "dicom", slices=[3])
     with pytest.raises(InputError, match="its DICOM series has a single slice, a 2D image"):
@@ -215,3 +232,27 @@ def test_no_itk_warning_reaches_stderr(tmp_path: Path, capfd: pytest.CaptureFixt
     with pytest.raises(InputError):
         read_scan(folder)
     assert "WARNING" not in capfd.readouterr().err
+
+
+def test_what_itk_prints_stays_off_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """MetaIO writes "data not read completely" on the C++ error stream of a truncated
+    file; it goes to the debug log, and the error is ours alone."""
+    path = write_image(tmp_path / "scan.mha", np.zeros((20, 32, 32), np.int16))
+    path.write_bytes(path.read_bytes()[:-500])
+    with (
+        caplog.at_level(logging.DEBUG, logger="stoic_ct.imageio"),
+        pytest.raises(InputError, match="truncated or corrupt"),
+    ):
+        read_scan(path)
+    err = capfd.readouterr().err
+    assert "MetaImage" not in err and "data not read completely" not in err
+    assert "ITK: MetaImage: M_ReadElementsData: data not read completely" in caplog.text
+
+
+def test_log_lines_written_meanwhile_get_through(capfd: pytest.CaptureFixture[str]) -> None:
+    """While a scan is read, another thread may log (process.py loads the models then)."""
+    with _itk_chatter_kept_off_stderr():
+        os.write(2, b"MetaImage: chatter\n12:00:00 WARNING a warning of ours\n")
+    assert capfd.readouterr().err == "12:00:00 WARNING a warning of ours\n"

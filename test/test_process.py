@@ -16,7 +16,15 @@ import torch
 from fileserver import Route, serving
 
 import process
-from helpers import SMALL_PHANTOM, THIN_PHANTOM, contained, write_case, write_image
+from helpers import (
+    SMALL_PHANTOM,
+    THIN_PHANTOM,
+    contained,
+    run_as_container,
+    run_process,
+    write_case,
+    write_image,
+)
 from stoic_ct.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for, read_job_inputs
 from stoic_ct.imageio import read_scan
 from stoic_ct.pipeline import Balaitous
@@ -31,29 +39,6 @@ def shared_model_dir(tiny_model_dir: Path, shared_tmp: Path) -> Path:
     shutil.copytree(tiny_model_dir, model_dir)
     model_dir.chmod(0o755)
     return model_dir
-
-
-def run_process(
-    *args: str | Path, as_user: bool = False, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(REPOSITORY / "process.py"), *map(str, args), "--device", "cpu"]
-    return subprocess.run(
-        contained(command) if as_user else command,
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HOME": "/nonexistent", **(env or {})},
-    )
-
-
-def run_as_container(
-    input_dir: Path, output: Path, model_dir: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """process.py as the container runs it: no network, a non-root user, the folders given."""
-    return run_process(
-        "--input", input_dir, "--output", output, "--model-dir", model_dir, as_user=True, env=env
-    )
 
 
 def written_since(marker: Path, roots: list[Path], allowed: list[Path]) -> list[str]:

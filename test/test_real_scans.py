@@ -6,13 +6,14 @@ checked is reading, storage order, the crop and the QC picture, not the encoders
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers import write_dicom_series
+from helpers import run_as_container, write_dicom_series
 from stoic_ct.demographics import resolve_demographics
 from stoic_ct.imageio import read_scan
 from stoic_ct.lung_segmentation import threshold_lungs
@@ -122,3 +123,24 @@ def test_the_qc_picture_is_upright(tiny_model: Balaitous, real_scans: dict[str, 
     soft = (axial > 220) & (axial < 255)
     middle = soft[side // 3 : 2 * side // 3]
     assert middle[:, side // 2 :].sum() > 1.3 * middle[:, : side // 2].sum()
+
+
+def test_process_py_on_a_real_scan(
+    real_scans: dict[str, Path], tiny_model_dir: Path, shared_tmp: Path
+) -> None:
+    """process.py as the container runs it (no network, a non-root user), on lung1 in the
+    STOIC layout, with the tiny encoders and the R231 U-Net of the tiny model folder."""
+    ct = shared_tmp / "input" / "images" / "ct"
+    ct.mkdir(parents=True)
+    sitk.WriteImage(sitk.ReadImage(str(real_scans["lung1"])), str(ct / "lung1.mha"))
+    model = Path(shutil.copytree(tiny_model_dir, shared_tmp / "model"))
+    for folder in (shared_tmp / "input", shared_tmp / "input" / "images", ct, model):
+        folder.chmod(0o755)
+    output = shared_tmp / "output"
+    output.mkdir(mode=0o777)
+    output.chmod(0o777)
+    done = run_as_container(shared_tmp / "input", output, model)
+    assert done.returncode == 0, done.stderr
+    assert "lung1.mha: 512x512x48 voxels at 0.57x0.57x5 mm" in done.stdout
+    values = [float(p.read_text()) for p in sorted(output.iterdir())]
+    assert len(values) == 2 and all(0 <= v <= 1 for v in values)
