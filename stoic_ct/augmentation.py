@@ -7,7 +7,7 @@ draws come from that generator, so a sample's augmentation is fixed by its seed:
 resumed training run sees exactly what an uninterrupted one saw. Axes are (D, H, W) =
 (axial slice, row, column) of the (z, y, x) volume; "axial plane" is (H, W).
 
-`paper_augmentation` composes them with the settings of Kienzle et al. (DESIGN.md section 4).
+`paper_augmentation` composes them with the settings of Kienzle et al. (docs/pipeline.md, section 3).
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ class Compose:
 
 
 def paper_augmentation() -> Compose:
-    """Kienzle et al.'s training augmentation (DESIGN.md section 4), in our order."""
+    """Kienzle et al.'s training augmentation (docs/pipeline.md, section 3), in our order."""
     return Compose(
         (
             RandomCropOfResize(256 / 224, p=0.5),
