@@ -26,9 +26,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stoic_ct.cli import add_model_arguments, configure_logging
 from stoic_ct.errors import StoicError
+from stoic_ct.logs import configure_logging
 from stoic_ct.model_files import default_model_dir
+from stoic_ct.options import add_model_arguments
 
 logger = logging.getLogger("stoic_ct.train")
 

@@ -7,7 +7,8 @@ draws come from that generator, so a sample's augmentation is fixed by its seed:
 resumed training run sees exactly what an uninterrupted one saw. Axes are (D, H, W) =
 (axial slice, row, column) of the (z, y, x) volume; "axial plane" is (H, W).
 
-`paper_augmentation` composes them with the settings of Kienzle et al. (docs/pipeline.md, section 3).
+`paper_augmentation` composes them with the settings of Kienzle et al.
+(docs/pipeline.md, section 3).
 """
 
 from __future__ import annotations

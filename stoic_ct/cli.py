@@ -36,79 +36,19 @@ from stoic_ct.errors import StoicError
 from stoic_ct.fetch import INDEX_URL, ZENODO_URL, configured_index
 from stoic_ct.imageio import read_scan
 from stoic_ct.inflation import INFLATIONS, NORMALISATIONS
+from stoic_ct.logs import configure_logging
 from stoic_ct.model_files import (
-    ENCODER_KINDS,
     R231,
     REPOSITORY_MODEL_DIR,
     REPOSITORY_ROOT,
     default_model_dir,
 )
-from stoic_ct.orientation import ORIENTATIONS
-from stoic_ct.precision import PRECISIONS
+from stoic_ct.options import add_model_arguments
 
 if TYPE_CHECKING:
     from stoic_ct.training import FitSettings
 
 logger = logging.getLogger("stoic_ct")
-
-
-def configure_logging(verbose: bool = False, *, information_to_stdout: bool = False) -> None:
-    """One line per message, to stderr: the CLI keeps stdout for results.
-
-    With `information_to_stdout` (the container's entry points) messages below WARNING go
-    to stdout and only warnings and errors to stderr, which grand-challenge shows as
-    warnings on the job's result: a successful run stays quiet there.
-    """
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    problems = logging.StreamHandler(sys.stderr)
-    handlers: list[logging.Handler] = [problems]
-    if information_to_stdout:
-        problems.setLevel(logging.WARNING)
-        information = logging.StreamHandler(sys.stdout)
-        information.addFilter(lambda record: record.levelno < logging.WARNING)
-        handlers.append(information)
-    for handler in handlers:
-        handler.setFormatter(formatter)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model-dir and --device, shared by every command that runs the model."""
-    parser.add_argument(
-        "--model-dir",
-        type=Path,
-        default=None,
-        help="folder with the model files (default: /opt/ml/model when it holds them, "
-        "else the repository's model/)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="exact",
-        help="exact: the published numbers (default); fast: float16 on a GPU, int8 on a CPU, "
-        "within 0.02 of exact on the benchmark",
-    )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to run the networks (default: auto, a GPU when there is one)",
-    )
-    parser.add_argument(
-        "--encoder",
-        choices=ENCODER_KINDS,
-        default="vit",
-        help="vit: the published Balaitous encoders (default); convnext3d: the 3D ConvNeXt "
-        "of convnext3d.pth with the heads of convnext3d_heads.npz",
-    )
-    parser.add_argument(
-        "--orientation",
-        choices=ORIENTATIONS,
-        default="canonical",
-        help="canonical: reorient each scan to LPS, as STOIC stores scans (default; exact, "
-        "no interpolation); as-stored: feed the voxels in the file's order, as the "
-        "published package does",
-    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Slice encoders: a stack of axial slices to one feature vector (docs/pipeline.md, Balaïtous steps 8-11).
+"""Slice encoders: a stack of axial slices to one feature vector (docs/pipeline.md,
+Balaïtous steps 8-11).
 
 Each slice is windowed to [-1024, 600] HU, scaled to [0, 1], replicated to three
 channels and normalised with the ImageNet mean and std; the feature is the CLS token

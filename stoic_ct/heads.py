@@ -1,4 +1,5 @@
-"""The four logistic regressions of Balaïtous and their weighting (docs/pipeline.md, Balaïtous step 12).
+"""The four logistic regressions of Balaïtous and their weighting (docs/pipeline.md,
+Balaïtous step 12).
 
 COVID: one regression on each encoder's feature; severity: one on each feature with age
 and sex appended. Each output is alpha_full * p_full + alpha_lung * p_lung.

@@ -105,7 +105,7 @@ def read_scan(path: Path | str, orientation: Orientation = "canonical") -> Scan:
     return Scan(path=path, volume=volume, header=header, stored_as=stored_as)
 
 
-# A line of this package's log format (stoic_ct.cli.configure_logging).
+# A line of this package's log format (stoic_ct.logs.LOG_FORMAT).
 _LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
