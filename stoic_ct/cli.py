@@ -430,6 +430,11 @@ def _convnext_training_parsers(
     pretrain.add_argument("--mode", choices=MODES, default=pre.mode, help="default segmentation")
     pretrain.add_argument("--epochs", type=int, default=pre.epochs, help="default 30")
     pretrain.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt (same settings; --epochs may grow)",
+    )
+    pretrain.add_argument(
         "--pseudo-labels-from",
         type=Path,
         default=None,
@@ -965,6 +970,7 @@ def pretrain(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         lesion_dir=lesions if lesions.is_dir() else None,
         cache_dir=args.cache,
+        resume=args.resume,
     )
     print(f"wrote {path}")
     return 0

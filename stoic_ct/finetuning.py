@@ -45,11 +45,17 @@ from stoic_ct.convnext3d import ConvNeXt3D, load_encoder_of_size
 from stoic_ct.convnext_preprocessing import DEFAULT_WINDOW
 from stoic_ct.cubes import TASKS, Cube, cached_cubes, check_network_settings, load_batch
 from stoic_ct.errors import InputError
-from stoic_ct.trainer import BEST, Evaluation, OptimiserSettings, Trainer, fit, seed_of
+from stoic_ct.trainer import (
+    BEST,
+    Evaluation,
+    OptimiserSettings,
+    Trainer,
+    fit,
+    seed_of,
+    start_run,
+)
 
 logger = logging.getLogger(__name__)
-
-SETTINGS_FILE = "settings.json"
 
 
 def class_names(task: str) -> tuple[str, ...]:
@@ -138,31 +144,6 @@ def _check_classes(labels: np.ndarray, classes: int, folds: int, task: str) -> N
             f"the {task} task needs at least {folds} patients of each class for {folds} folds; "
             f"there are {detail}"
         )
-
-
-def _start(out_dir: Path, settings: FinetuneSettings, resume: bool) -> None:
-    """Write settings.json, or check that a resumed run asks for the same (epochs aside)."""
-    path = out_dir / SETTINGS_FILE
-    if path.exists():
-        if not resume:
-            raise InputError(
-                "holds a fine-tuning run already: add --resume to continue it, or choose "
-                "another --out",
-                out_dir,
-            )
-        before = json.loads(path.read_text())
-        now = asdict(settings)
-        changed = [k for k in now if k != "epochs" and before.get(k) != now[k]]
-        if changed:
-            raise InputError(
-                "holds a run with other settings ("
-                + ", ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in changed)
-                + "); only --epochs may change on --resume",
-                out_dir,
-            )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(asdict(settings), indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 @torch.inference_mode()
@@ -305,7 +286,7 @@ def finetune(
     started = time.perf_counter()
     classes = len(class_names(settings.task))
     _check_classes(labels, classes, settings.folds, settings.task)
-    _start(out_dir, settings, resume)
+    start_run(out_dir, settings, resume, "fine-tuning")
     cubes = cached_cubes(
         patients, cache_dir or out_dir / "cubes", settings.input_size, progress=progress
     )

@@ -16,10 +16,8 @@ of ROC-AUC and Dice for the multitask.
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,6 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from tqdm import tqdm
 
-from stoic_ct.atomic import atomic_write
 from stoic_ct.augmentation import Compose, augmentation
 from stoic_ct.cohort import Patient
 from stoic_ct.convnext3d import (
@@ -45,9 +42,15 @@ from stoic_ct.convnext3d import (
 from stoic_ct.cubes import Cube, cached_cubes, check_network_settings, load_batch, save_array
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.model_files import CONVNEXT3D, problem
-from stoic_ct.trainer import BEST, Evaluation, OptimiserSettings, Trainer, fit, seed_of
-
-logger = logging.getLogger(__name__)
+from stoic_ct.trainer import (
+    BEST,
+    Evaluation,
+    OptimiserSettings,
+    Trainer,
+    fit,
+    seed_of,
+    start_run,
+)
 
 MODES = ("segmentation", "multitask")
 PRETRAINED = "pretrained.pth"
@@ -188,6 +191,7 @@ def pretrain(
     lesion_dir: Path | None,
     cache_dir: Path | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> Path:
     """Pretrain; returns OUT/pretrained.pth (see the module docstring).
 
@@ -195,15 +199,15 @@ def pretrain(
         labels: (N,) class indices for the multitask's classification (None for segmentation).
         lesion_dir: lesion masks <PatientID>.mha; for the multitask, used when no
             `pseudo_labels_from` segmenter is set.
+        resume: continue the run OUT holds (its last.pt), with the same settings.
 
     Raises:
-        InputError: when lesion masks or labels are missing, or a setting does not fit.
+        InputError: when lesion masks or labels are missing, a setting does not fit, or
+            OUT holds a run and `resume` is False or its settings differ.
     """
     if settings.mode == "multitask" and labels is None:
         raise InputError("the multitask needs class labels (reference.csv)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(asdict(settings), indent=2) + "\n"
-    atomic_write(out_dir / "settings.json", lambda f: f.write(text.encode()))
+    start_run(out_dir, settings, resume, "pretraining")
     cache = cache_dir or out_dir / "cubes"
     use_masks = settings.mode == "segmentation" or settings.pseudo_labels_from is None
     if use_masks and lesion_dir is None:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,44 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stoic_ct.atomic import atomic_write
+from stoic_ct.errors import InputError
 from stoic_ct.plots import Panel, Series, fitted_range, line_panels
 
 logger = logging.getLogger(__name__)
 
+SETTINGS_FILE = "settings.json"
+
 LAST, BEST = "last.pt", "best.pt"
+
+
+def start_run(out_dir: Path, settings: Any, resume: bool, what: str) -> None:
+    """Open a run folder: write OUT/settings.json from the `settings` dataclass, or, when it
+    is there already, continue only with --resume and the same settings (epochs aside).
+
+    Raises:
+        InputError: naming the folder, when it holds a run and `resume` is False, or when
+            the run it holds was made with other settings.
+    """
+    path = out_dir / SETTINGS_FILE
+    now = asdict(settings)
+    if path.exists():
+        if not resume:
+            raise InputError(
+                f"holds a {what} run already: add --resume to continue it, or choose another --out",
+                out_dir,
+            )
+        before = json.loads(path.read_text())
+        changed = [k for k in now if k != "epochs" and before.get(k) != now[k]]
+        if changed:
+            raise InputError(
+                "holds a run with other settings ("
+                + ", ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in changed)
+                + "); only --epochs may change on --resume",
+                out_dir,
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(now, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def seed_of(*parts: int) -> int:

@@ -17,6 +17,7 @@ from stoic_ct.convnext3d import ConvNeXt3D
 from stoic_ct.convnext_preprocessing import DEFAULT_WINDOW
 from stoic_ct.cubes import LESION_DIR, task_patients
 from stoic_ct.demographics import Demographics
+from stoic_ct.errors import InputError
 from stoic_ct.imageio import read_scan
 from stoic_ct.pipeline import Balaitous
 from stoic_ct.pretraining import PretrainSettings, load_segmenter, pretrain
@@ -131,6 +132,11 @@ def test_segmentation_then_multitask_pretraining_feed_finetune(
     assert losses[1] < losses[0]  # it learns
     segmenter = load_segmenter(segmentation)
     assert segmenter(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+    with pytest.raises(InputError, match="holds a pretraining run already"):
+        pretrain(
+            patients, None, settings, tmp_path / "seg", device=CPU,
+            lesion_dir=phantom_cohort / LESION_DIR, progress=False,
+        )  # fmt: skip
     chosen, labels = task_patients(phantom_cohort, "covid")
     multitask = PretrainSettings(
         **{**settings.__dict__, "mode": "multitask", "init": str(segmentation),

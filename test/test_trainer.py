@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from stoic_ct.trainer import BEST, LAST, Evaluation, OptimiserSettings, Trainer, fit, seed_of
+from stoic_ct.errors import InputError
+from stoic_ct.trainer import (
+    BEST,
+    LAST,
+    Evaluation,
+    OptimiserSettings,
+    Trainer,
+    fit,
+    seed_of,
+    start_run,
+)
 
 CPU = torch.device("cpu")
 
@@ -111,3 +123,23 @@ def test_a_last_pt_from_before_the_tie_break_resumes(tmp_path: Path) -> None:
     # A tie cannot be broken by a loss that was not kept: the earlier epoch stays, as then.
     assert _run(tmp_path, [(0.9, 0.5), (0.9, 0.1)]) == 0
     assert _run(tmp_path, [(0.9, 0.5), (0.9, 0.1), (0.95, 0.4)]) == 2  # a higher metric wins
+
+
+@dataclass(frozen=True)
+class _Settings:
+    lr: float = 1e-4
+    epochs: int = 2
+
+
+def test_a_run_folder_is_opened_once_and_resumed_only_with_the_same_settings(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    start_run(out, _Settings(), resume=False, what="pretraining")
+    assert json.loads((out / "settings.json").read_text()) == {"lr": 1e-4, "epochs": 2}
+    with pytest.raises(InputError, match="holds a pretraining run already: add --resume"):
+        start_run(out, _Settings(lr=3e-4), resume=False, what="pretraining")
+    with pytest.raises(InputError, match=r"other settings \(lr: 0.0001 then, 0.0003 now\)"):
+        start_run(out, _Settings(lr=3e-4), resume=True, what="pretraining")
+    start_run(out, _Settings(epochs=5), resume=True, what="pretraining")  # more epochs: fine
+    assert json.loads((out / "settings.json").read_text())["epochs"] == 5
