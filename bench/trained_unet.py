@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from stoic_ct.lung_segmentation import threshold_lungs
 from stoic_ct.phantom import PhantomSpec, make_phantom
+from stoic_ct.r231 import r231_network
 from stoic_ct.random_weights import random_r231_state_dict
 from stoic_ct.resampling import resample
 
@@ -54,13 +55,9 @@ def _training_slices(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_r231(dest: Path, iterations: int = 150, seed: int = 0) -> Path:
     """Write R231 weights trained on phantoms to `dest` (a few minutes on 2 CPU cores)."""
-    from lungmask.resunet import UNet
-
     torch.manual_seed(seed)
     inputs, targets = _training_slices(seed)
-    model = UNet(
-        n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False
-    )
+    model = r231_network()
     model.load_state_dict(random_r231_state_dict(seed=seed))
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     started = time.perf_counter()

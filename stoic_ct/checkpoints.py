@@ -8,11 +8,46 @@ import pickle
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from stoic_ct.errors import ModelFileError
 from stoic_ct.model_files import R231, ModelFileSpec, problem
+from stoic_ct.r231 import r231_network
+
+
+def load_checkpoint(path: Path, spec: ModelFileSpec | None = None) -> Any:
+    """What a PyTorch checkpoint holds (tensors memory-mapped where its format allows).
+
+    Raises:
+        ModelFileError: naming the file when it is missing or cannot be loaded; with `spec`,
+            the message also says what the file should be and where it is published.
+    """
+
+    def failure(what: str) -> ModelFileError:
+        return ModelFileError(problem(spec, what) if spec is not None else what, path)
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # A checkpoint in PyTorch's legacy (pre-1.6) format cannot be memory-mapped.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise failure("is missing") from None
+    except (
+        OSError,
+        RuntimeError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        EOFError,
+        ValueError,
+    ) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise failure(f"cannot be loaded ({reason[:200]})") from None
 
 
 def load_state_dict(
@@ -27,23 +62,7 @@ def load_state_dict(
     Raises:
         ModelFileError: when the file is not a PyTorch checkpoint of tensors.
     """
-    try:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            # A checkpoint in PyTorch's legacy (pre-1.6) format cannot be memory-mapped.
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        EOFError,
-        ValueError,
-    ) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelFileError(problem(spec, f"cannot be loaded ({reason[:200]})"), path) from None
+    loaded = load_checkpoint(path, spec)
     if key is not None and isinstance(loaded, Mapping) and key in loaded:
         loaded = loaded[key]
     if not isinstance(loaded, Mapping) or not all(
@@ -91,12 +110,8 @@ def check_r231_weights(path: Path) -> None:
     lungmask loads the file strictly, so unexpected tensors are an error too; batch-norm
     counters, which old checkpoints lack and PyTorch fills in, are not required.
     """
-    from lungmask.resunet import UNet
-
     with torch.device("meta"):
-        reference = UNet(
-            n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False
-        )
+        reference = r231_network()
     expected = {
         k: tuple(v.shape)
         for k, v in reference.state_dict().items()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from stoic_ct.atomic import atomic_write
+from stoic_ct.checkpoints import load_checkpoint
 from stoic_ct.convnext3d import SIZES, ConvNeXt3D
 from stoic_ct.convnext_preprocessing import classifier_input
 from stoic_ct.errors import ModelFileError
@@ -84,12 +85,7 @@ class FoldEnsemble:
         Raises:
             ModelFileError: naming the file when it is missing or not a fold ensemble.
         """
-        try:
-            document = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ModelFileError(problem(spec, "is missing"), path) from None
-        except (OSError, RuntimeError, ValueError, EOFError) as error:
-            raise ModelFileError(problem(spec, f"cannot be loaded ({error})"), path) from None
+        document = load_checkpoint(path, spec)
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise ModelFileError(problem(spec, f"is not a {FORMAT} file"), path)
         size, folds, classes = document["size"], document["folds"], document["classes"]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stoic_ct.atomic import atomic_write
+from stoic_ct.checkpoints import load_checkpoint
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.model_files import CONVNEXT3D, problem
 
@@ -291,12 +292,11 @@ def load_convnext3d(path: Path) -> tuple[ConvNeXt3D, int]:
     Raises:
         ModelFileError: when the file is not such a checkpoint or its weights do not fit.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise ModelFileError(problem(CONVNEXT3D, "is missing"), path) from None
-    except (OSError, RuntimeError, ValueError, EOFError) as error:
-        raise ModelFileError(problem(CONVNEXT3D, f"cannot be loaded ({error})"), path) from None
+    return convnext3d_of(load_checkpoint(path, CONVNEXT3D), path)
+
+
+def convnext3d_of(checkpoint: object, path: Path) -> tuple[ConvNeXt3D, int]:
+    """`load_convnext3d` on a checkpoint already loaded from `path` (named in errors)."""
     if not isinstance(checkpoint, dict) or not {"size", "input_size", "state_dict"} <= set(
         checkpoint
     ):

@@ -17,9 +17,10 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from stoic_ct.cropping import HU_WINDOW
 from stoic_ct.volume import Volume
 
-DEFAULT_WINDOW = (-1024.0, 600.0)  # HU; ours, as for the ViT encoders (not published)
+DEFAULT_WINDOW = HU_WINDOW  # ours: the ViT encoders' window (not published for the ConvNeXt)
 DEFAULT_SIZE = 224
 
 

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 SLICE_SIZE = 224
 PAD_HU = -1024
+# The HU window of the encoders' input (published step 11), which the ConvNeXt takes too.
+HU_WINDOW = (-1024.0, 600.0)
 MASK_HU_THRESHOLD = -100.0
 MASK_HU_PERCENTILE = 5.0
 SLICE_TRIM_FRACTION = 0.1

@@ -18,10 +18,10 @@ from torch import nn
 from stoic_ct.checkpoints import release_file_pages
 from stoic_ct.convnext3d import ConvNeXt3D
 from stoic_ct.convnext_preprocessing import to_cube
+from stoic_ct.cropping import HU_WINDOW
 from stoic_ct.precision import check_precision, int8_linear, numerics
 from stoic_ct.vit import VisionTransformer
 
-HU_WINDOW = (-1024.0, 600.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from stoic_ct.checkpoints import load_checkpoint
 from stoic_ct.convnext3d import ConvNeXt3D
 from stoic_ct.errors import ModelFileError
 
@@ -163,10 +164,7 @@ def load_2d_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         ModelFileError: when the file cannot be read as a PyTorch checkpoint of tensors.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as error:
-        raise ModelFileError(f"cannot be read as a PyTorch checkpoint ({error})", path) from None
+    checkpoint = load_checkpoint(path)
     for wrapper in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]

@@ -22,10 +22,14 @@ from stoic_ct.checkpoints import check_r231_weights, load_state_dict, release_fi
 from stoic_ct.errors import InputError
 from stoic_ct.model_files import R231
 from stoic_ct.precision import CalibratedInt8, check_precision, numerics
+from stoic_ct.r231 import r231_network
 from stoic_ct.resampling import resample_labels
 from stoic_ct.volume import Volume
 
 logger = logging.getLogger(__name__)
+
+# lungmask's own HU clip before its U-Net (lungmask.utils.preprocess).
+LUNGMASK_WINDOW = (-1024, 600)
 
 RIGHT_LUNG, LEFT_LUNG = 1, 2
 _WORKERS = min(8, os.cpu_count() or 1)
@@ -55,22 +59,13 @@ class R231Segmenter:
         batch_size: int | None = None,
         precision: str = "exact",
     ) -> None:
-        from lungmask.resunet import UNet
-
         check_r231_weights(weights)
         self.weights, self.device, self.precision = weights, device, check_precision(precision)
         # Throughput is flat from 4 slices on a CPU and 8 on a GPU; each slice holds about
         # 200 MB of activations (float32), so that more would only take memory.
         self.batch_size = batch_size or (8 if device.type == "cuda" else 4)
         with torch.device("meta"):
-            model = UNet(
-                n_classes=3,
-                padding=True,
-                depth=5,
-                up_mode="upsample",
-                batch_norm=True,
-                residual=False,
-            )
+            model = r231_network()
         state = load_state_dict(weights, R231)
         for key, value in model.state_dict().items():  # counters old checkpoints lack
             if key.endswith("num_batches_tracked") and key not in state:
@@ -100,7 +95,7 @@ class R231Segmenter:
             image = sitk.DICOMOrient(image, "LPS")
         raw = sitk.GetArrayFromImage(image)
         # lungmask's per-slice steps, slices in parallel (scipy lets go of the GIL).
-        clipped = np.clip(raw, -1024, 600)
+        clipped = np.clip(raw, *LUNGMASK_WINDOW)
         with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
             cropped = list(
                 pool.map(lambda s: utils.crop_and_resize(s, width=256, height=256), clipped)

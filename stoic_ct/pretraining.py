@@ -30,12 +30,13 @@ from torch import nn
 from tqdm import tqdm
 
 from stoic_ct.augmentation import Compose, augmentation
+from stoic_ct.checkpoints import load_checkpoint
 from stoic_ct.cohort import Patient
 from stoic_ct.convnext3d import (
     ConvNeXt3D,
     ConvNeXt3DSegmenter,
     UperNetHead3D,
-    load_convnext3d,
+    convnext3d_of,
     load_encoder_of_size,
     save_convnext3d,
 )
@@ -120,10 +121,9 @@ def load_segmenter(path: Path) -> ConvNeXt3DSegmenter:
     Raises:
         ModelFileError: when the file holds no segmentation head.
     """
-    backbone, _ = load_convnext3d(path)
-    head = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(
-        "segmentation_head"
-    )
+    checkpoint = load_checkpoint(path, CONVNEXT3D)
+    backbone, _ = convnext3d_of(checkpoint, path)
+    head = checkpoint.get("segmentation_head")
     if head is None:
         raise ModelFileError(
             problem(

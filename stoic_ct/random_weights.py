@@ -24,6 +24,7 @@ from stoic_ct.model_files import (
     VIT_IMAGENET,
     sha256_of,
 )
+from stoic_ct.r231 import r231_network
 from stoic_ct.vit import VIT_LARGE, VisionTransformer, ViTConfig
 
 # Input projections (qkv, fc1) larger than iBOT's training init (0.02), so that attention
@@ -68,13 +69,9 @@ def random_vit_state_dict(
 
 def random_r231_state_dict(*, seed: int = 0) -> dict[str, torch.Tensor]:
     """lungmask's R231 U-Net with PyTorch's default initialisation, reproducible from `seed`."""
-    from lungmask.resunet import UNet
-
     with torch.random.fork_rng():  # leave the caller's random state alone
         torch.manual_seed(seed)
-        model = UNet(
-            n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False
-        )
+        model = r231_network()
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -13,6 +13,7 @@ from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.lung_segmentation import R231Segmenter, labels_from_mask_image, split_lungs
 from stoic_ct.model_files import R231
 from stoic_ct.phantom import PhantomSpec, make_phantom
+from stoic_ct.r231 import r231_network
 from stoic_ct.random_weights import random_r231_state_dict
 from stoic_ct.resampling import resample
 from stoic_ct.volume import Volume
@@ -43,12 +44,9 @@ def segmenting_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     come out are non-trivial, to compare.
     """
     from lungmask import utils
-    from lungmask.resunet import UNet
 
     state = random_r231_state_dict(seed=1)
-    model = UNet(
-        n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False
-    ).eval()
+    model = r231_network().eval()
     model.load_state_dict(state)
     volume = resample(make_phantom(PHANTOM)).to_sitk()
     slices, _ = utils.preprocess(
