@@ -382,7 +382,7 @@ def _convnext_training_parsers(
 ) -> None:
     """finetune and pretrain."""
     from stoic_ct.augmentation import AUGMENTATIONS
-    from stoic_ct.cubes import TASKS
+    from stoic_ct.cubes import FINETUNE_TASKS
     from stoic_ct.finetuning import FinetuneSettings
     from stoic_ct.pretraining import MODES, PretrainSettings
 
@@ -403,7 +403,7 @@ def _convnext_training_parsers(
     finetune.add_argument("--out", type=Path, required=True, help="run folder")
     finetune.add_argument(
         "--task",
-        choices=TASKS,
+        choices=FINETUNE_TASKS,
         default=defaults.task,
         help="covid (every labelled patient), severe (COVID-positive patients, the STOIC "
         "rule), severity4 (the `severity` column, grades 1-4 of COV19-CT-DB)",

@@ -35,6 +35,10 @@ class Patient:
     severe: int = UNKNOWN
 
 
+# The challenge's two tasks: P(COVID-19) and P(severe COVID-19) among the COVID-positive.
+STOIC_TASKS = ("covid", "severe")
+
+
 def task_rows(covid: np.ndarray, severe: np.ndarray, task: str) -> np.ndarray:
     """(N,) bool: the patients a task is fitted and scored on (the STOIC rule).
 

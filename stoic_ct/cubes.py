@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
 from stoic_ct.augmentation import AUGMENTATIONS, Compose
-from stoic_ct.cohort import Patient, read_cohort, read_grades, task_rows
+from stoic_ct.cohort import STOIC_TASKS, Patient, read_cohort, read_grades, task_rows
 from stoic_ct.convnext3d import SIZES
 from stoic_ct.convnext_preprocessing import DEFAULT_WINDOW, classifier_input, label_cube
 from stoic_ct.errors import InputError, StoicError
@@ -29,7 +29,8 @@ from stoic_ct.model_files import sha256_of
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("covid", "severe", "severity4")
+# What finetune can learn: the two STOIC tasks, and COV19-CT-DB's four severity grades.
+FINETUNE_TASKS = (*STOIC_TASKS, "severity4")
 LESION_DIR = Path("data") / "lesions"
 
 
@@ -88,8 +89,8 @@ def task_patients(data_dir: Path, task: str) -> tuple[list[Patient], np.ndarray]
     Raises:
         InputError: when the folder is not a STOIC-layout cohort or has no labels.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if task not in FINETUNE_TASKS:
+        raise ValueError(f"task must be one of {', '.join(FINETUNE_TASKS)}, not {task!r}")
     patients = read_cohort(data_dir)
     reference = data_dir / "metadata" / "reference.csv"
     if not reference.exists():

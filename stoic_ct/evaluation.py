@@ -23,10 +23,9 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
-from stoic_ct.cohort import read_reference, task_rows
+from stoic_ct.cohort import STOIC_TASKS, read_reference, task_rows
 from stoic_ct.errors import InputError
 from stoic_ct.features import FeatureTable, labelled
-from stoic_ct.heads import TASKS
 from stoic_ct.imageio import image_stem
 from stoic_ct.plots import Panel, Series, line_panels
 from stoic_ct.training import FitSettings, fit_task, fold_count
@@ -137,7 +136,7 @@ def cross_validate(
     alpha chosen by the inner cross-validation there) and predict the held-out fold.
     """
     results = {}
-    for task in TASKS:
+    for task in STOIC_TASKS:
         data = table.take(labelled(table, task))
         y = (data.covid if task == "covid" else data.severe).astype(int)
         outer = fold_count(task, len(y), int(y.sum()), folds)

@@ -174,7 +174,7 @@ class ScanFeatures:
     lung_found: bool
 
 
-class Encoder(Protocol):
+class FeatureExtractor(Protocol):
     """Anything that turns a volume (and optionally a lung label image) into the two features.
 
     `stoic_ct.pipeline.Balaitous` is one; tests pass counting or interrupting wrappers.
@@ -229,7 +229,7 @@ def find_mask(masks_dir: Path, patient: str) -> Path:
 
 def extract(
     patients: Sequence[Patient],
-    model: Encoder,
+    model: FeatureExtractor,
     cache_dir: Path,
     key: dict[str, Any],
     masks_dir: Path | None = None,
@@ -331,7 +331,7 @@ def _table(
 
 
 def _compute(
-    patient: Patient, model: Encoder, mask: Path | None, orientation: Orientation
+    patient: Patient, model: FeatureExtractor, mask: Path | None, orientation: Orientation
 ) -> ScanFeatures:
     scan = read_scan(patient.image, orientation)
     demographics = resolve_demographics(

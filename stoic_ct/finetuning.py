@@ -43,7 +43,7 @@ from stoic_ct.classifier import save_fold_ensemble
 from stoic_ct.cohort import GRADES, Patient
 from stoic_ct.convnext3d import ConvNeXt3D, load_encoder_of_size
 from stoic_ct.convnext_preprocessing import DEFAULT_WINDOW
-from stoic_ct.cubes import TASKS, Cube, cached_cubes, check_network_settings, load_batch
+from stoic_ct.cubes import FINETUNE_TASKS, Cube, cached_cubes, check_network_settings, load_batch
 from stoic_ct.errors import InputError
 from stoic_ct.trainer import (
     BEST,
@@ -88,8 +88,8 @@ class FinetuneSettings:
     init: str | None = None
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.task not in FINETUNE_TASKS:
+            raise ValueError(f"task must be one of {', '.join(FINETUNE_TASKS)}, not {self.task!r}")
         check_network_settings(self.size, self.input_size, self.augment)
         if self.folds < 2 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("folds must be >= 2, epochs and batch size >= 1")

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from stoic_ct.atomic import atomic_write
+from stoic_ct.cohort import STOIC_TASKS
 from stoic_ct.errors import ModelFileError
 from stoic_ct.model_files import HEADS, problem
 
 ENCODERS = ("full", "lung")
-TASKS = ("covid", "severe")
 EXTRA_SEVERE_FEATURES = 2  # age, sex
 
 
@@ -62,7 +62,7 @@ class LogisticHeads:
             f"{kind}_{enc}_{task}"
             for kind in ("coef", "intercept", "alpha")
             for enc in ENCODERS
-            for task in TASKS
+            for task in STOIC_TASKS
         ]
         missing = [n for n in names if n not in arrays]
         if missing:
@@ -85,7 +85,7 @@ class LogisticHeads:
                         raise ModelFileError(problem(HEADS, f"{kind}_{key} is not a scalar"), path)
         if not all(np.all(np.isfinite(v)) for v in arrays.values()):
             raise ModelFileError(problem(HEADS, "holds NaN or infinite weights"), path)
-        for task in TASKS:
+        for task in STOIC_TASKS:
             alphas = [float(arrays[f"alpha_{enc}_{task}"].reshape(())) for enc in ENCODERS]
             if min(alphas) < 0 or sum(alphas) > 1 + 1e-9:
                 raise ModelFileError(
@@ -95,7 +95,7 @@ class LogisticHeads:
                     ),
                     path,
                 )
-        keys = [f"{enc}_{task}" for enc in ENCODERS for task in TASKS]
+        keys = [f"{enc}_{task}" for enc in ENCODERS for task in STOIC_TASKS]
         return cls(
             coef={k: arrays[f"coef_{k}"] for k in keys},
             intercept={k: float(arrays[f"intercept_{k}"].reshape(())) for k in keys},
@@ -120,7 +120,7 @@ class LogisticHeads:
     ) -> Probabilities:
         """Probabilities from the "full" and "lung" features (D,) and the encoded age and sex."""
         result = {}
-        for task in TASKS:
+        for task in STOIC_TASKS:
             result[task] = 0.0
             for enc in ENCODERS:
                 x = np.asarray(features[enc], dtype=np.float64)

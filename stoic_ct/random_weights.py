@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stoic_ct.heads import ENCODERS, EXTRA_SEVERE_FEATURES, TASKS
+from stoic_ct.cohort import STOIC_TASKS
+from stoic_ct.heads import ENCODERS, EXTRA_SEVERE_FEATURES
 from stoic_ct.model_files import (
     HEADS,
     R231,
@@ -80,7 +81,7 @@ def random_heads(dim: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for enc in ENCODERS:
-        for task in TASKS:
+        for task in STOIC_TASKS:
             length = dim + (EXTRA_SEVERE_FEATURES if task == "severe" else 0)
             arrays[f"coef_{enc}_{task}"] = rng.normal(0.0, 3.0 / dim**0.5, length)
             arrays[f"intercept_{enc}_{task}"] = np.array(rng.normal(0.0, 0.5))

@@ -29,10 +29,11 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from stoic_ct.atomic import atomic_write
+from stoic_ct.cohort import STOIC_TASKS
 from stoic_ct.convnext3d import load_convnext3d
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.features import FeatureTable, labelled
-from stoic_ct.heads import ENCODERS, TASKS, LogisticHeads
+from stoic_ct.heads import ENCODERS, LogisticHeads
 from stoic_ct.model_files import (
     CONVNEXT3D,
     CONVNEXT_HEADS,
@@ -243,7 +244,7 @@ def fold_count(task: str, n: int, positives: int, wanted: int) -> int:
 
 def fit_heads(table: FeatureTable, settings: FitSettings) -> dict[str, TaskFit]:
     """Both tasks' heads, fitted on `table`."""
-    return {task: fit_task(table, task, settings) for task in TASKS}
+    return {task: fit_task(table, task, settings) for task in STOIC_TASKS}
 
 
 def to_logistic_heads(fits: dict[str, TaskFit]) -> LogisticHeads:
