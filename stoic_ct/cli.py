@@ -6,6 +6,7 @@ Commands:
     phantom         write a synthetic chest CT phantom
     phantom-cohort  write a synthetic cohort in the STOIC training layout
     random-weights  write randomly initialised model files in the published layouts
+    sample-scans    fetch two public chest CTs (pyradiomics 3.1.0's test data) into a cache
     extract-features  encoder features of every scan of a STOIC-layout cohort (cached, shardable)
     merge-features  merge the feature tables of several shards
     inflate-convnext  make convnext3d.pth from 2D ConvNeXt weights (--encoder convnext3d)
