@@ -12,7 +12,7 @@ from stoic_ct.precision import PRECISIONS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model-dir and --device, shared by every command that runs the model."""
+    """--model-dir, --precision, --device, --encoder and --orientation."""
     parser.add_argument(
         "--model-dir",
         type=Path,
