@@ -40,8 +40,8 @@ COPY --chown=user:user stoic_ct/ /opt/app/stoic_ct/
 COPY --chown=user:user process.py train.py /opt/app/
 # Every module of the package imports (a missing wheel fails the build, not a job).
 RUN python -c "import importlib, pkgutil, process, train, stoic_ct; \
-[importlib.import_module(f'stoic_ct.{m.name}') for m in pkgutil.iter_modules(stoic_ct.__path__) \
- if m.name != '__main__']"
+[importlib.import_module(m.name) for m in pkgutil.walk_packages(stoic_ct.__path__, 'stoic_ct.') \
+ if m.name != 'stoic_ct.__main__']"
 
 USER 1001:1001
 # The inference container. For the final-phase training run: --entrypoint python IMAGE train.py

@@ -28,7 +28,10 @@ import torch
 from evalutils.evalutils import Algorithm
 from pandas import DataFrame
 
-from stoic_ct.contract import (
+from stoic_ct.errors import StoicError
+from stoic_ct.inference.pipeline import resolve_device
+from stoic_ct.inference.systems import System, load_system
+from stoic_ct.io.contract import (
     COVID_OUTPUT,
     INPUT_DIR,
     OUTPUT_DIR,
@@ -40,15 +43,12 @@ from stoic_ct.contract import (
     read_job_inputs,
     write_outputs,
 )
-from stoic_ct.errors import StoicError
-from stoic_ct.heads import Probabilities
-from stoic_ct.imageio import Scan, read_scan, scan_from_image
+from stoic_ct.io.imageio import Scan, read_scan, scan_from_image
+from stoic_ct.io.orientation import Orientation
 from stoic_ct.logs import configure_logging
-from stoic_ct.model_files import MODEL_KINDS, default_model_dir
+from stoic_ct.models.heads import Probabilities
 from stoic_ct.options import add_model_arguments
-from stoic_ct.orientation import Orientation
-from stoic_ct.pipeline import resolve_device
-from stoic_ct.systems import System, load_system
+from stoic_ct.weights.model_files import MODEL_KINDS, default_model_dir
 
 logger = logging.getLogger("stoic_ct.process")
 

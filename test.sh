@@ -57,7 +57,7 @@ wait
 
 # Standard library only: any python3 will do.
 cd "$here"
-python3 -m stoic_ct.expected "$work/output" --model-dir "$model_dir"
+python3 -m stoic_ct.weights.expected "$work/output" --model-dir "$model_dir"
 if [ -s "$work/stderr" ]; then
     echo "the container wrote $(wc -l < "$work/stderr") line(s) to stderr, which grand-challenge shows as warnings on the result:"
     sed 's/^/    /' "$work/stderr"

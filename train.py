@@ -28,8 +28,8 @@ from pathlib import Path
 
 from stoic_ct.errors import StoicError
 from stoic_ct.logs import configure_logging
-from stoic_ct.model_files import default_model_dir
 from stoic_ct.options import add_model_arguments
+from stoic_ct.weights.model_files import default_model_dir
 
 logger = logging.getLogger("stoic_ct.train")
 
@@ -68,17 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> None:
-    from stoic_ct.cohort import read_cohort
-    from stoic_ct.evaluation import cross_validate, protocol, report
-    from stoic_ct.features import encoder_key, extract
-    from stoic_ct.pipeline import Balaitous, resolve_device
-    from stoic_ct.training import (
+    from stoic_ct.head_training.evaluation import cross_validate, protocol, report
+    from stoic_ct.head_training.features import encoder_key, extract
+    from stoic_ct.head_training.training import (
         FitSettings,
         fit_heads,
         heads_document,
         to_logistic_heads,
         write_heads,
     )
+    from stoic_ct.inference.pipeline import Balaitous, resolve_device
+    from stoic_ct.io.cohort import read_cohort
 
     patients = read_cohort(args.input)
     model_dir = args.model_dir or default_model_dir()

@@ -66,8 +66,8 @@ def model_dir() -> Path:
     if not trained.exists():
         from bench.published import published_heads_path
         from bench.trained_unet import train_r231
-        from stoic_ct.model_files import R231
-        from stoic_ct.random_weights import write_random_model_dir
+        from stoic_ct.weights.model_files import R231
+        from stoic_ct.weights.random_weights import write_random_model_dir
 
         print(f"writing random weights to {path} (2.5 GB, once)", file=sys.stderr)
         write_random_model_dir(path, seed=0, heads=published_heads_path())

@@ -28,7 +28,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stoic_ct.volume import Volume  # noqa: E402
+from stoic_ct.io.volume import Volume  # noqa: E402
 
 # Stage names shared by both implementations.
 STAGES = ("read", "resample", "lung mask", "crop", "encoder full", "encoder lung", "heads")
@@ -93,9 +93,9 @@ class Ours:
     """This pipeline, as process.py runs it."""
 
     def __init__(self, model_dir: Path, device: str, precision: str) -> None:
-        from stoic_ct.lung_segmentation import R231Segmenter
-        from stoic_ct.model_files import ModelFiles
-        from stoic_ct.pipeline import Balaitous
+        from stoic_ct.inference.pipeline import Balaitous
+        from stoic_ct.preprocessing.lung_segmentation import R231Segmenter
+        from stoic_ct.weights.model_files import ModelFiles
 
         self.unet_digests: list[str] = []
         unet = R231Segmenter(ModelFiles(model_dir).r231, torch.device(device), precision=precision)
@@ -110,8 +110,8 @@ class Ours:
         )
 
     def __call__(self, image: Path) -> tuple[dict[str, float], tuple[float, float]]:
-        from stoic_ct.demographics import resolve_demographics
-        from stoic_ct.imageio import read_scan
+        from stoic_ct.io.demographics import resolve_demographics
+        from stoic_ct.io.imageio import read_scan
 
         started = time.perf_counter()
         scan = read_scan(image)

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from stoic_ct.lung_segmentation import threshold_lungs
+from stoic_ct.models.r231 import r231_network
 from stoic_ct.phantom import PhantomSpec, make_phantom
-from stoic_ct.r231 import r231_network
-from stoic_ct.random_weights import random_r231_state_dict
-from stoic_ct.resampling import resample
+from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
+from stoic_ct.preprocessing.resampling import resample
+from stoic_ct.weights.random_weights import random_r231_state_dict
 
 SIZE = 128
 

@@ -16,7 +16,7 @@ check_model_dir() {
         return 0
     fi
     [ -x "$python" ] || python=python3
-    if ! (cd "$here" && "$python" -c 'import torch, lungmask, stoic_ct.fetch') >/dev/null 2>&1; then
+    if ! (cd "$here" && "$python" -c 'import torch, lungmask, stoic_ct.weights.fetch') >/dev/null 2>&1; then
         echo "error: checking the model files needs the project's Python environment; run 'make setup' first" >&2
         exit 1
     fi

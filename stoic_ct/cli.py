@@ -30,24 +30,24 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from stoic_ct.batch import append_row, collected_warnings, qc_file_names, start_csv
-from stoic_ct.convnext3d import SIZES as CONVNEXT_SIZES
-from stoic_ct.demographics import parse_age, resolve_demographics
 from stoic_ct.errors import StoicError
-from stoic_ct.fetch import INDEX_URL, ZENODO_URL, configured_index
-from stoic_ct.imageio import read_scan
-from stoic_ct.inflation import INFLATIONS, NORMALISATIONS
+from stoic_ct.inference.batch import append_row, collected_warnings, qc_file_names, start_csv
+from stoic_ct.io.demographics import parse_age, resolve_demographics
+from stoic_ct.io.imageio import read_scan
 from stoic_ct.logs import configure_logging
-from stoic_ct.model_files import (
+from stoic_ct.models.convnext3d import SIZES as CONVNEXT_SIZES
+from stoic_ct.models.inflation import INFLATIONS, NORMALISATIONS
+from stoic_ct.options import add_model_arguments
+from stoic_ct.weights.fetch import INDEX_URL, ZENODO_URL, configured_index
+from stoic_ct.weights.model_files import (
     R231,
     REPOSITORY_MODEL_DIR,
     REPOSITORY_ROOT,
     default_model_dir,
 )
-from stoic_ct.options import add_model_arguments
 
 if TYPE_CHECKING:
-    from stoic_ct.training import FitSettings
+    from stoic_ct.head_training.training import FitSettings
 
 logger = logging.getLogger("stoic_ct")
 
@@ -301,7 +301,7 @@ def _training_parsers(commands: argparse._SubParsersAction[argparse.ArgumentPars
         description="Inflate a 2D ConvNeXt checkpoint (the official release's, with its "
         "'model' key, or timm's) into the 3D ConvNeXt of Kienzle et al. and write it for "
         "--encoder convnext3d. The RGB stem is summed to one channel; the 2D head is "
-        "dropped. See stoic_ct/inflation.py for the kernel layouts and normalisations.",
+        "dropped. See stoic_ct/models/inflation.py for the kernel layouts and normalisations.",
     )
     inflate.add_argument(
         "checkpoint", type=Path, nargs="?", metavar="CHECKPOINT_2D", help="2D ConvNeXt weights"
@@ -382,10 +382,10 @@ def _convnext_training_parsers(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
     """finetune and pretrain."""
-    from stoic_ct.augmentation import AUGMENTATIONS
-    from stoic_ct.cubes import FINETUNE_TASKS
-    from stoic_ct.finetuning import FinetuneSettings
-    from stoic_ct.pretraining import MODES, PretrainSettings
+    from stoic_ct.convnext_training.augmentation import AUGMENTATIONS
+    from stoic_ct.convnext_training.finetuning import FinetuneSettings
+    from stoic_ct.convnext_training.pretraining import MODES, PretrainSettings
+    from stoic_ct.preprocessing.cubes import FINETUNE_TASKS
 
     finetune = commands.add_parser(
         "finetune",
@@ -533,8 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     """The `predict` command; 0 when every scan gave a result, 1 otherwise."""
-    from stoic_ct.pipeline import Balaitous, resolve_device
-    from stoic_ct.qc import write_qc
+    from stoic_ct.inference.pipeline import Balaitous, resolve_device
+    from stoic_ct.inference.qc import write_qc
 
     masks: list[Path | None] = list(args.lung_mask) if args.lung_mask else [None] * len(args.images)
     if len(masks) != len(args.images):
@@ -646,9 +646,9 @@ def fetch_weights(args: argparse.Namespace) -> int:
     """The `fetch-weights` command."""
     import torch
 
-    from stoic_ct.fetch import Sources
-    from stoic_ct.fetch import fetch_weights as fetch
-    from stoic_ct.pipeline import Balaitous, check_model_file
+    from stoic_ct.inference.pipeline import Balaitous, check_model_file
+    from stoic_ct.weights.fetch import Sources
+    from stoic_ct.weights.fetch import fetch_weights as fetch
 
     dest = args.dest or REPOSITORY_MODEL_DIR
     fetch(dest, Sources(args.zenodo_url, args.lungmask_url, args.index_url), check_model_file)
@@ -699,7 +699,7 @@ def phantom_cohort(args: argparse.Namespace) -> int:
 
 def sample_scans(args: argparse.Namespace) -> int:
     """The `sample-scans` command: one path per line on stdout."""
-    from stoic_ct.sample_scans import sample_scans as fetch_sample_scans
+    from stoic_ct.io.sample_scans import sample_scans as fetch_sample_scans
 
     for path in fetch_sample_scans(args.dest, args.index_url).values():
         print(path)
@@ -708,7 +708,7 @@ def sample_scans(args: argparse.Namespace) -> int:
 
 def random_weights(args: argparse.Namespace) -> int:
     """The `random-weights` command."""
-    from stoic_ct.random_weights import write_random_model_dir
+    from stoic_ct.weights.random_weights import write_random_model_dir
 
     logger.info("writing random ViT-L, R231 and heads files to %s (about 2.5 GB)", args.dest)
     write_random_model_dir(args.dest, seed=args.seed, heads=args.heads)
@@ -718,9 +718,9 @@ def random_weights(args: argparse.Namespace) -> int:
 
 def extract_features(args: argparse.Namespace) -> int:
     """The `extract-features` command; 1 when some scans failed (the table holds the rest)."""
-    from stoic_ct.cohort import UNKNOWN, parse_shard, read_cohort, shard
-    from stoic_ct.features import encoder_key, extract
-    from stoic_ct.pipeline import Balaitous, resolve_device
+    from stoic_ct.head_training.features import encoder_key, extract
+    from stoic_ct.inference.pipeline import Balaitous, resolve_device
+    from stoic_ct.io.cohort import UNKNOWN, parse_shard, read_cohort, shard
 
     try:
         index, count = parse_shard(args.shard)
@@ -769,7 +769,7 @@ def extract_features(args: argparse.Namespace) -> int:
 
 def merge_features(args: argparse.Namespace) -> int:
     """The `merge-features` command."""
-    from stoic_ct.features import FeatureTable, merge_tables
+    from stoic_ct.head_training.features import FeatureTable, merge_tables
 
     merged = merge_tables([FeatureTable.load(path) for path in args.tables])
     merged.save(args.out)
@@ -778,7 +778,7 @@ def merge_features(args: argparse.Namespace) -> int:
 
 
 def _fit_settings(args: argparse.Namespace) -> FitSettings:
-    from stoic_ct.training import FitSettings
+    from stoic_ct.head_training.training import FitSettings
 
     if args.inner_folds < 2:
         raise StoicError(f"--inner-folds must be at least 2, not {args.inner_folds}")
@@ -787,9 +787,14 @@ def _fit_settings(args: argparse.Namespace) -> FitSettings:
 
 def fit_heads(args: argparse.Namespace) -> int:
     """The `fit-heads` command."""
-    from stoic_ct.features import FeatureTable
-    from stoic_ct.training import fit_heads as fit
-    from stoic_ct.training import heads_document, report_name, to_logistic_heads, write_heads
+    from stoic_ct.head_training.features import FeatureTable
+    from stoic_ct.head_training.training import fit_heads as fit
+    from stoic_ct.head_training.training import (
+        heads_document,
+        report_name,
+        to_logistic_heads,
+        write_heads,
+    )
 
     table = FeatureTable.load(args.features)
     settings = _fit_settings(args)
@@ -804,9 +809,9 @@ def inflate_convnext(args: argparse.Namespace) -> int:
     """The `inflate-convnext` command."""
     import torch
 
-    from stoic_ct.convnext3d import ConvNeXt3D, save_convnext3d
-    from stoic_ct.inflation import inflate_convnext as inflate
-    from stoic_ct.inflation import load_2d_checkpoint
+    from stoic_ct.models.convnext3d import ConvNeXt3D, save_convnext3d
+    from stoic_ct.models.inflation import inflate_convnext as inflate
+    from stoic_ct.models.inflation import load_2d_checkpoint
 
     if (args.checkpoint is None) == (args.random is None):
         raise StoicError("give a 2D CHECKPOINT, or --random SEED, not both")
@@ -835,7 +840,7 @@ def inflate_convnext(args: argparse.Namespace) -> int:
 
 def install_heads(args: argparse.Namespace) -> int:
     """The `install-heads` command."""
-    from stoic_ct.training import install_heads as install
+    from stoic_ct.head_training.training import install_heads as install
 
     model_dir = args.model_dir or REPOSITORY_MODEL_DIR
     path = install(args.heads_dir, model_dir)
@@ -845,8 +850,13 @@ def install_heads(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """The `evaluate` command: nested cross-validation, or a score of given predictions."""
-    from stoic_ct.evaluation import cross_validate, protocol, report, score_predictions
-    from stoic_ct.features import FeatureTable
+    from stoic_ct.head_training.evaluation import (
+        cross_validate,
+        protocol,
+        report,
+        score_predictions,
+    )
+    from stoic_ct.head_training.features import FeatureTable
 
     settings = _fit_settings(args)
     if args.predictions is not None or args.reference is not None:
@@ -900,10 +910,10 @@ def _network_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def finetune(args: argparse.Namespace) -> int:
     """The `finetune` command."""
-    from stoic_ct.cubes import task_patients
-    from stoic_ct.finetuning import FinetuneSettings
-    from stoic_ct.finetuning import finetune as run
-    from stoic_ct.pipeline import resolve_device
+    from stoic_ct.convnext_training.finetuning import FinetuneSettings
+    from stoic_ct.convnext_training.finetuning import finetune as run
+    from stoic_ct.inference.pipeline import resolve_device
+    from stoic_ct.preprocessing.cubes import task_patients
 
     if args.init is not None and not args.init.exists():
         raise StoicError("is missing (--init)", args.init)
@@ -938,11 +948,11 @@ def finetune(args: argparse.Namespace) -> int:
 
 def pretrain(args: argparse.Namespace) -> int:
     """The `pretrain` command."""
-    from stoic_ct.cohort import read_cohort
-    from stoic_ct.cubes import LESION_DIR, task_patients
-    from stoic_ct.pipeline import resolve_device
-    from stoic_ct.pretraining import PretrainSettings
-    from stoic_ct.pretraining import pretrain as run
+    from stoic_ct.convnext_training.pretraining import PretrainSettings
+    from stoic_ct.convnext_training.pretraining import pretrain as run
+    from stoic_ct.inference.pipeline import resolve_device
+    from stoic_ct.io.cohort import read_cohort
+    from stoic_ct.preprocessing.cubes import LESION_DIR, task_patients
 
     for path in (args.init, args.pseudo_labels_from):
         if path is not None and not path.exists():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stoic_ct.model_files import ENCODER_KINDS
-from stoic_ct.orientation import ORIENTATIONS
-from stoic_ct.precision import PRECISIONS
+from stoic_ct.inference.precision import PRECISIONS
+from stoic_ct.io.orientation import ORIENTATIONS
+from stoic_ct.weights.model_files import ENCODER_KINDS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,16 +15,16 @@ import torch
 
 from bench.published import install_compose_for_balaitous
 from helpers import TINY_VIT
-from stoic_ct.cohort import read_cohort
-from stoic_ct.features import FeatureTable, encoder_key, extract
-from stoic_ct.fetch import UnreachableError, configured_index
-from stoic_ct.imageio import read_scan
-from stoic_ct.lung_segmentation import threshold_lungs
+from stoic_ct.head_training.features import FeatureTable, encoder_key, extract
+from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.io.cohort import read_cohort
+from stoic_ct.io.imageio import read_scan
+from stoic_ct.io.sample_scans import sample_scans
+from stoic_ct.io.volume import Volume
 from stoic_ct.phantom import write_phantom_cohort
-from stoic_ct.pipeline import Balaitous
-from stoic_ct.random_weights import write_random_model_dir
-from stoic_ct.sample_scans import sample_scans
-from stoic_ct.volume import Volume
+from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
+from stoic_ct.weights.fetch import UnreachableError, configured_index
+from stoic_ct.weights.random_weights import write_random_model_dir
 
 torch.set_num_threads(2)
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
+from stoic_ct.models.convnext3d import SIZES
+from stoic_ct.models.vit import ViTConfig
 from stoic_ct.phantom import PhantomSpec, make_phantom, write_phantom
-from stoic_ct.vit import ViTConfig
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -97,9 +99,9 @@ def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") ->
 
     import torch
 
-    from stoic_ct.demographics import resolve_demographics
-    from stoic_ct.imageio import read_scan
-    from stoic_ct.pipeline import Balaitous
+    from stoic_ct.inference.pipeline import Balaitous
+    from stoic_ct.io.demographics import resolve_demographics
+    from stoic_ct.io.imageio import read_scan
 
     image = write_case(work / "input", THIN_PHANTOM)
     done = subprocess.run(
@@ -179,3 +181,49 @@ def run_as_container(
     return run_process(
         "--input", input_dir, "--output", output, "--model-dir", model_dir, as_user=True, env=env
     )
+
+
+def official_2d_state(
+    size: str = "tiny", classes: int = 10, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A random 2D ConvNeXt state dict in the official layout, built from its description."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    depths, dims = SIZES[size].depths, SIZES[size].dims
+    state = {
+        "downsample_layers.0.0.weight": r(dims[0], 3, 4, 4),
+        "downsample_layers.0.0.bias": r(dims[0]),
+        "downsample_layers.0.1.weight": r(dims[0]),
+        "downsample_layers.0.1.bias": r(dims[0]),
+    }
+    for i in range(1, 4):
+        state |= {
+            f"downsample_layers.{i}.0.weight": r(dims[i - 1]),
+            f"downsample_layers.{i}.0.bias": r(dims[i - 1]),
+            f"downsample_layers.{i}.1.weight": r(dims[i], dims[i - 1], 2, 2),
+            f"downsample_layers.{i}.1.bias": r(dims[i]),
+        }
+    for i, (depth, d) in enumerate(zip(depths, dims, strict=True)):
+        for j in range(depth):
+            p = f"stages.{i}.{j}."
+            state |= {
+                p + "dwconv.weight": r(d, 1, 7, 7),
+                p + "dwconv.bias": r(d),
+                p + "norm.weight": r(d),
+                p + "norm.bias": r(d),
+                p + "pwconv1.weight": r(4 * d, d),
+                p + "pwconv1.bias": r(4 * d),
+                p + "pwconv2.weight": r(d, 4 * d),
+                p + "pwconv2.bias": r(d),
+                p + "gamma": r(d),
+            }
+    state |= {
+        "norm.weight": r(dims[-1]),
+        "norm.bias": r(dims[-1]),
+        "head.weight": r(classes, dims[-1]),
+        "head.bias": r(classes),
+    }
+    return state

@@ -9,14 +9,14 @@ import pytest
 import SimpleITK as sitk
 
 from helpers import SMALL_PHANTOM, write_case
-from stoic_ct.batch import CSV_COLUMNS
 from stoic_ct.cli import main
-from stoic_ct.demographics import Demographics
-from stoic_ct.imageio import read_scan
-from stoic_ct.lung_segmentation import threshold_lungs
+from stoic_ct.inference.batch import CSV_COLUMNS
+from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.io.demographics import Demographics
+from stoic_ct.io.imageio import read_scan
 from stoic_ct.phantom import PhantomSpec
-from stoic_ct.pipeline import Balaitous
-from stoic_ct.resampling import resample
+from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
+from stoic_ct.preprocessing.resampling import resample
 
 
 def write_mask(image: Path, mask_path: Path) -> Path:
@@ -234,7 +234,7 @@ def test_phantom_command(tmp_path: Path) -> None:
 
 
 def test_phantom_cohort_command(tmp_path: Path) -> None:
-    from stoic_ct.cohort import read_cohort
+    from stoic_ct.io.cohort import read_cohort
 
     assert main(["phantom-cohort", str(tmp_path / "a"), "--patients", "10", "--seed", "2"]) == 0
     assert main(["phantom-cohort", str(tmp_path / "b"), "--patients", "10", "--seed", "2"]) == 0

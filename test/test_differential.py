@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from bench.published import published_environment, published_heads_path
-from stoic_ct.demographics import Demographics, Sex, resolve_demographics
-from stoic_ct.imageio import read_scan
-from stoic_ct.lung_segmentation import threshold_lungs
-from stoic_ct.model_files import VIT_CT
+from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.io.demographics import Demographics, Sex, resolve_demographics
+from stoic_ct.io.imageio import read_scan
+from stoic_ct.io.volume import Volume
 from stoic_ct.phantom import PhantomSpec, make_phantom, write_phantom
-from stoic_ct.pipeline import Balaitous
-from stoic_ct.random_weights import write_random_model_dir
-from stoic_ct.volume import Volume
+from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
+from stoic_ct.weights.model_files import VIT_CT
+from stoic_ct.weights.random_weights import write_random_model_dir
 
 pytestmark = pytest.mark.slow
 

@@ -47,7 +47,7 @@ def test_build_context_holds_the_code_wheels_and_model_files_only() -> None:
         "train.py",
         "wheelhouse/requirements.txt",
         "wheelhouse/numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.whl",
-        "stoic_ct/pipeline.py",
+        "stoic_ct/inference/pipeline.py",
         "stoic_ct/__init__.py",
         "model/README.md",
         "model/vitl_16_ct.pth",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from stoic_ct.imageio import read_scan
+from stoic_ct.io.imageio import read_scan
 from stoic_ct.phantom import AIR, BONE, LUNG, PhantomSpec, make_phantom
 
 SHIPPED = Path(__file__).resolve().parent / "input" / "images" / "ct" / "phantom.mha"

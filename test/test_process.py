@@ -25,9 +25,9 @@ from helpers import (
     write_case,
     write_image,
 )
-from stoic_ct.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for, read_job_inputs
-from stoic_ct.imageio import read_scan
-from stoic_ct.pipeline import Balaitous
+from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.io.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for, read_job_inputs
+from stoic_ct.io.imageio import read_scan
 
 REPOSITORY = Path(process.__file__).resolve().parent
 

@@ -14,13 +14,13 @@ import pytest
 import SimpleITK as sitk
 
 from helpers import run_as_container, write_dicom_series
-from stoic_ct.demographics import resolve_demographics
-from stoic_ct.imageio import read_scan
-from stoic_ct.lung_segmentation import threshold_lungs
-from stoic_ct.pipeline import Balaitous, Result
-from stoic_ct.qc import ZOOM, render_qc
-from stoic_ct.resampling import resample
-from stoic_ct.volume import Volume
+from stoic_ct.inference.pipeline import Balaitous, Result
+from stoic_ct.inference.qc import ZOOM, render_qc
+from stoic_ct.io.demographics import resolve_demographics
+from stoic_ct.io.imageio import read_scan
+from stoic_ct.io.volume import Volume
+from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
+from stoic_ct.preprocessing.resampling import resample
 
 DEMOGRAPHICS = resolve_demographics([("test", 60)], [("test", "F")])
 

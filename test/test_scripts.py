@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from stoic_ct.model_files import (
+from stoic_ct.weights.model_files import (
     ALL_FILES,
     MANIFEST,
     RANDOM_WEIGHTS_MARKER,
@@ -314,7 +314,7 @@ def test_test_script_compares_recorded_values(
     (checkout / "test").unlink()
     shutil.copytree(REPOSITORY / "test" / "input", checkout / "test" / "input")
     shutil.copy2(expected, checkout / "test" / "expected_output.json")
-    # stoic_ct.expected reads test/expected_output.json beside the package it runs from.
+    # stoic_ct.weights.expected reads test/expected_output.json beside the package it runs from.
     (checkout / "stoic_ct").unlink()
     shutil.copytree(
         REPOSITORY / "stoic_ct", checkout / "stoic_ct", ignore=shutil.ignore_patterns("__pycache__")

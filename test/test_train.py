@@ -13,7 +13,7 @@ import pytest
 import train
 from helpers import assert_process_py_uses
 from stoic_ct.cli import main as cli
-from stoic_ct.features import FeatureTable
+from stoic_ct.head_training.features import FeatureTable
 from stoic_ct.phantom import write_phantom_cohort
 
 REPOSITORY = Path(train.__file__).resolve().parent

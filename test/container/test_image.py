@@ -25,12 +25,12 @@ import torch
 
 from bench.published import published_heads_path
 from helpers import SMALL_PHANTOM, THIN_PHANTOM, write_case
-from stoic_ct.contract import COVID_OUTPUT, SEVERE_OUTPUT
-from stoic_ct.demographics import resolve_demographics
-from stoic_ct.imageio import read_scan
-from stoic_ct.model_files import RANDOM_WEIGHTS_MARKER
-from stoic_ct.pipeline import Balaitous
-from stoic_ct.random_weights import write_random_model_dir
+from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.io.contract import COVID_OUTPUT, SEVERE_OUTPUT
+from stoic_ct.io.demographics import resolve_demographics
+from stoic_ct.io.imageio import read_scan
+from stoic_ct.weights.model_files import RANDOM_WEIGHTS_MARKER
+from stoic_ct.weights.random_weights import write_random_model_dir
 
 pytestmark = pytest.mark.container
 

@@ -1,0 +1,1 @@
+"""Training the 3D ConvNeXt: augmentation, the training engine, fine-tuning, pretraining."""

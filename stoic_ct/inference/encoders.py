@@ -1,0 +1,128 @@
+"""Slice encoders: a stack of axial slices to one feature vector (docs/pipeline.md,
+Balaïtous steps 8-11).
+
+Each slice is windowed to [-1024, 600] HU, scaled to [0, 1], replicated to three
+channels and normalised with the ImageNet mean and std; the feature is the CLS token
+after the last block, averaged over the slices, then averaged with the same for the
+vertically flipped slices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stoic_ct.inference.precision import check_precision, int8_linear, numerics
+from stoic_ct.models.convnext3d import ConvNeXt3D
+from stoic_ct.models.vit import VisionTransformer
+from stoic_ct.preprocessing.convnext_preprocessing import to_cube
+from stoic_ct.preprocessing.cropping import HU_WINDOW
+from stoic_ct.weights.checkpoints import release_file_pages
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_model_input(
+    slices: np.ndarray, device: torch.device, window: tuple[float, float] = HU_WINDOW
+) -> torch.Tensor:
+    """(H, W, Z) HU -> (Z, 3, H, W) float32 on `device`, windowed and ImageNet-normalised."""
+    low, high = window
+    hu = torch.from_numpy(np.ascontiguousarray(slices.transpose(2, 0, 1))).to(device)
+    scaled = (hu.to(torch.float32).clamp(low, high) - low) / (high - low)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return (scaled.unsqueeze(1) - mean) / std
+
+
+class SliceEncoder:
+    """A frozen ViT on a device, turning a slice stack into one flip-averaged feature.
+
+    On a CPU the weights stay memory-mapped from `weights`, and their pages are released
+    after every call: the two ViT-L encoders then never hold memory at the same time.
+    """
+
+    def __init__(
+        self,
+        model: VisionTransformer,
+        device: torch.device,
+        batch_size: int | None = None,
+        precision: str = "exact",
+        weights: Path | None = None,
+    ) -> None:
+        self.dim = model.config.embed_dim
+        self.device, self.precision = device, check_precision(precision)
+        # 16 slices and their flips: a CPU's throughput is flat beyond; on a GPU, 32 keep the
+        # activations near 2 GB (float32), so that the exact mode fits a 16 GB T4.
+        self.batch_size = batch_size or (32 if device.type == "cuda" else 16)
+        self.weights = weights if device.type == "cpu" else None
+        self._mapped = list(model.state_dict().values()) if self.weights else []
+        if device.type == "cpu" and precision == "fast":
+            self.model: nn.Module = int8_linear(model)
+            self._release()
+        else:
+            self.model = model.to(device)
+
+    @torch.inference_mode()
+    def __call__(self, slices: np.ndarray) -> np.ndarray:
+        """(H, W, Z) HU, Z >= 1 -> (D,) float64 feature.
+
+        Slices go through the model in batches of `batch_size`, each with its vertical
+        flip (rows reversed) in the same batch.
+        """
+        if slices.ndim != 3 or slices.shape[2] == 0:
+            raise ValueError(f"expected (H, W, Z) slices with Z >= 1, not shape {slices.shape}")
+        total = torch.zeros(2, self.dim, dtype=torch.float64, device=self.device)
+        with numerics(self.device, self.precision):
+            for start in range(0, slices.shape[2], self.batch_size):
+                batch = to_model_input(slices[..., start : start + self.batch_size], self.device)
+                both = torch.cat((batch, batch.flip(2)))
+                cls = self.model(both).to(torch.float64).view(2, len(batch), self.dim)
+                total += cls.sum(dim=1)
+        self._release()
+        per_flip = total / slices.shape[2]
+        feature: np.ndarray = per_flip.mean(dim=0).cpu().numpy()
+        return feature
+
+    def _release(self) -> None:
+        if self.weights is not None:
+            release_file_pages(self._mapped, self.weights)
+
+
+class VolumeEncoder:
+    """A frozen 3D ConvNeXt on a device: a slice stack, as a volume, to one feature.
+
+    It takes what the ViT encoders take, the (224, 224, Z) stack cropped around the lungs
+    (masked or not), and sees it whole: windowed, resized with a cubic spline to
+    `input_size` cubed, pooled to one (D,) feature.
+    """
+
+    def __init__(
+        self,
+        model: ConvNeXt3D,
+        device: torch.device,
+        input_size: int,
+        precision: str = "exact",
+    ) -> None:
+        self.dim = model.feature_dim
+        self.device, self.precision = device, check_precision(precision)
+        self.input_size = input_size
+        if device.type == "cpu" and precision == "fast":
+            self.model: nn.Module = int8_linear(model)
+        else:
+            self.model = model.to(device)
+
+    @torch.inference_mode()
+    def __call__(self, slices: np.ndarray) -> np.ndarray:
+        """(H, W, Z) HU, Z >= 1 -> (D,) float64 feature."""
+        if slices.ndim != 3 or slices.shape[2] == 0:
+            raise ValueError(f"expected (H, W, Z) slices with Z >= 1, not shape {slices.shape}")
+        hu = torch.from_numpy(np.ascontiguousarray(slices.transpose(2, 0, 1))).to(self.device)
+        cube = to_cube(hu, self.input_size, HU_WINDOW)
+        with numerics(self.device, self.precision):
+            feature = self.model(cube[None, None]).to(torch.float64)
+        out: np.ndarray = feature[0].cpu().numpy()
+        return out

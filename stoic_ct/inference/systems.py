@@ -1,0 +1,185 @@
+"""The three systems `process.py --model` can run: balaitous, convnext3d, ensemble.
+
+Each takes a CT volume and the patient's demographics and gives P(COVID-19) and
+P(severe COVID-19) with per-stage times. `convnext3d` is the fine-tuned 3D ConvNeXt
+(one fold ensemble per task); `ensemble` averages the two systems' probabilities with
+the weights of the model folder's ensemble.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from stoic_ct.errors import ModelFileError, StoicError
+from stoic_ct.inference.classifier import FoldEnsemble
+from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.io.demographics import Demographics
+from stoic_ct.io.volume import Volume
+from stoic_ct.models.heads import Probabilities
+from stoic_ct.weights.model_files import (
+    CONVNEXT_COVID,
+    CONVNEXT_SEVERE,
+    ENSEMBLE_WEIGHTS,
+    MODEL_KINDS,
+    ModelFiles,
+    problem,
+)
+
+logger = logging.getLogger(__name__)
+
+MEMBERS = ("balaitous", "convnext3d")
+
+
+class Outcome(Protocol):
+    """What a system gives for one scan."""
+
+    @property
+    def probabilities(self) -> Probabilities: ...
+
+    @property
+    def seconds(self) -> dict[str, float]: ...
+
+
+class System(Protocol):
+    """A model that predicts both outputs for one CT."""
+
+    def predict(self, volume: Volume, demographics: Demographics) -> Outcome: ...
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Both probabilities and the wall time per stage (s)."""
+
+    probabilities: Probabilities
+    seconds: dict[str, float]
+
+
+class ConvNeXtSystem:
+    """The fine-tuned ConvNeXt: P(COVID-19) and P(severe) from two fold ensembles."""
+
+    def __init__(self, covid: FoldEnsemble, severe: FoldEnsemble) -> None:
+        for ensemble, task in ((covid, "covid"), (severe, "severe")):
+            if ensemble.task != task or len(ensemble.classes) != 2:
+                raise StoicError(
+                    f"the {task} ensemble was fine-tuned for {ensemble.task!r} with "
+                    f"{len(ensemble.classes)} classes; it must be the binary {task} task"
+                )
+        self.covid, self.severe = covid, severe
+
+    @classmethod
+    def from_model_dir(
+        cls, model_dir: Path, device: torch.device, precision: str = "exact"
+    ) -> ConvNeXtSystem:
+        """convnext3d_covid.pth and convnext3d_severe.pth from `model_dir`."""
+        files = ModelFiles(model_dir)
+        return cls(
+            FoldEnsemble.load(files.path(CONVNEXT_COVID), CONVNEXT_COVID, device, precision),
+            FoldEnsemble.load(files.path(CONVNEXT_SEVERE), CONVNEXT_SEVERE, device, precision),
+        )
+
+    def predict(self, volume: Volume, demographics: Demographics) -> Prediction:
+        """Age and sex are not inputs of the ConvNeXt; `demographics` is accepted for symmetry."""
+        started = time.perf_counter()
+        cube = self.covid.cube(volume)
+        same_input = (self.severe.input_size, self.severe.window) == (
+            self.covid.input_size,
+            self.covid.window,
+        )
+        severe_cube = cube if same_input else self.severe.cube(volume)
+        prepared = time.perf_counter()
+        covid = float(self.covid.probabilities(cube)[1])
+        severe = float(self.severe.probabilities(severe_cube)[1])
+        return Prediction(
+            Probabilities(covid=covid, severe=severe),
+            {"cube": prepared - started, "convnext3d": time.perf_counter() - prepared},
+        )
+
+
+def read_ensemble_weights(path: Path) -> dict[str, dict[str, float]]:
+    """{"covid": {"balaitous": w, "convnext3d": w}, "severe": {...}}, each task's summing to 1.
+
+    Weights must be >= 0 with a positive sum; they are divided by their sum.
+
+    Raises:
+        ModelFileError: naming the file and what is wrong with it.
+    """
+
+    def bad(what: str) -> ModelFileError:
+        return ModelFileError(problem(ENSEMBLE_WEIGHTS, what), path)
+
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise bad("is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad(f"cannot be read as JSON ({error})") from None
+    weights: dict[str, dict[str, float]] = {}
+    for task in ("covid", "severe"):
+        given = document.get(task) if isinstance(document, dict) else None
+        if not isinstance(given, dict) or set(given) != set(MEMBERS):
+            raise bad(f"needs {task!r}: {{{', '.join(repr(m) + ': w' for m in MEMBERS)}}}")
+        values = {m: given[m] for m in MEMBERS}
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()):
+            raise bad(f"the {task} weights must be numbers, not {values}")
+        total = sum(values.values())
+        if min(values.values()) < 0 or total <= 0:
+            raise bad(f"the {task} weights must be >= 0 with a positive sum, not {values}")
+        weights[task] = {m: float(v) / total for m, v in values.items()}
+    return weights
+
+
+class EnsembleSystem:
+    """Balaitous and the fine-tuned ConvNeXt, their probabilities averaged with weights."""
+
+    def __init__(self, members: dict[str, System], weights: dict[str, dict[str, float]]) -> None:
+        self.members, self.weights = members, weights
+
+    def predict(self, volume: Volume, demographics: Demographics) -> Prediction:
+        outcomes = {name: m.predict(volume, demographics) for name, m in self.members.items()}
+        covid = sum(self.weights["covid"][n] * o.probabilities.covid for n, o in outcomes.items())
+        severe = sum(
+            self.weights["severe"][n] * o.probabilities.severe for n, o in outcomes.items()
+        )
+        seconds = {f"{n}: {k}": v for n, o in outcomes.items() for k, v in o.seconds.items()}
+        return Prediction(Probabilities(covid=covid, severe=severe), seconds)
+
+
+def load_system(
+    kind: str,
+    model_dir: Path,
+    device: torch.device,
+    *,
+    precision: str = "exact",
+    encoder: str = "vit",
+) -> System:
+    """The system `kind` (MODEL_KINDS) with its files from `model_dir`.
+
+    Raises:
+        ModelFileError: when a file it needs is missing or malformed.
+    """
+    if kind not in MODEL_KINDS:
+        raise StoicError(f"model must be one of {', '.join(MODEL_KINDS)}, not {kind!r}")
+    if kind == "balaitous":
+        return Balaitous.from_model_dir(model_dir, device, precision=precision, encoder=encoder)
+    if kind == "convnext3d":
+        return ConvNeXtSystem.from_model_dir(model_dir, device, precision)
+    weights = read_ensemble_weights(model_dir / ENSEMBLE_WEIGHTS.name)
+    logger.info(
+        "ensemble weights: covid %s; severe %s",
+        weights["covid"],
+        weights["severe"],
+    )
+    members: dict[str, System] = {
+        "balaitous": Balaitous.from_model_dir(
+            model_dir, device, precision=precision, encoder=encoder
+        ),
+        "convnext3d": ConvNeXtSystem.from_model_dir(model_dir, device, precision),
+    }
+    return EnsembleSystem(members, weights)

@@ -1,0 +1,153 @@
+"""process.py --model convnext3d | ensemble, and the pretraining that finetune starts from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import process
+from helpers import write_case
+from stoic_ct.convnext_training.pretraining import PretrainSettings, load_segmenter, pretrain
+from stoic_ct.errors import InputError
+from stoic_ct.inference.classifier import save_fold_ensemble
+from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.inference.systems import ConvNeXtSystem, read_ensemble_weights
+from stoic_ct.io.cohort import read_cohort
+from stoic_ct.io.demographics import Demographics
+from stoic_ct.io.imageio import read_scan
+from stoic_ct.models.convnext3d import ConvNeXt3D
+from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
+from stoic_ct.preprocessing.cubes import LESION_DIR, task_patients
+
+CPU = torch.device("cpu")
+
+
+def _write_ensemble(directory: Path, task: str, seeds: tuple[int, ...]) -> None:
+    folds = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = ConvNeXt3D("micro", num_classes=2)
+        with torch.no_grad():
+            model.head.bias.copy_(torch.tensor([0.0, seed / 4]))  # type: ignore[operator]
+        folds.append(model.state_dict())
+    save_fold_ensemble(
+        directory / f"convnext3d_{task}.pth",
+        folds=folds,
+        size="micro",
+        input_size=32,
+        window=DEFAULT_WINDOW,
+        task=task,
+        classes=("a", "b"),
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("systems") / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    _write_ensemble(directory, "covid", (1, 2))
+    _write_ensemble(directory, "severe", (3,))
+    return directory
+
+
+def _run(model_dir: Path, work: Path, kind: str) -> tuple[int, dict[str, float]]:
+    write_case(work / "input")
+    status = process.main(
+        [
+            "--input", str(work / "input"), "--output", str(work / "output"),
+            "--model-dir", str(model_dir), "--device", "cpu", "--model", kind,
+        ]
+    )  # fmt: skip
+    outputs = {p.name: json.loads(p.read_text()) for p in (work / "output").glob("*.json")}
+    return status, outputs
+
+
+def test_process_py_runs_the_convnext_and_the_ensemble(
+    model_dir: Path, tmp_path: Path, tiny_model: Balaitous
+) -> None:
+    status, convnext = _run(model_dir, tmp_path / "c", "convnext3d")
+    assert status == 0
+    volume = read_scan(next((tmp_path / "c" / "input" / "images" / "ct").iterdir())).volume
+    direct = ConvNeXtSystem.from_model_dir(model_dir, CPU).predict(volume, Demographics())
+    assert convnext["probability-covid-19.json"] == pytest.approx(direct.probabilities.covid)
+    assert convnext["probability-severe-covid-19.json"] == pytest.approx(
+        direct.probabilities.severe
+    )
+    status, balaitous = _run(model_dir, tmp_path / "b", "balaitous")
+    assert status == 0
+    (model_dir / "ensemble.json").write_text(
+        json.dumps(
+            {
+                "covid": {"balaitous": 1, "convnext3d": 3},
+                "severe": {"balaitous": 1, "convnext3d": 0},
+            }
+        )
+    )
+    status, ensemble = _run(model_dir, tmp_path / "e", "ensemble")
+    assert status == 0
+    name = "probability-covid-19.json"
+    assert ensemble[name] == pytest.approx(0.25 * balaitous[name] + 0.75 * convnext[name])
+    name = "probability-severe-covid-19.json"
+    assert ensemble[name] == pytest.approx(balaitous[name])
+
+
+def test_missing_or_bad_ensemble_files_are_named(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    empty = tmp_path / "empty"
+    shutil.copytree(model_dir, empty)
+    (empty / "ensemble.json").unlink(missing_ok=True)
+    status, outputs = _run(empty, tmp_path / "w", "ensemble")
+    assert status == 1 and outputs == {}
+    assert "ensemble.json: is missing" in caplog.text
+    (empty / "convnext3d_severe.pth").unlink()
+    status, outputs = _run(empty, tmp_path / "x", "convnext3d")
+    assert status == 1 and outputs == {}
+    assert "convnext3d_severe.pth: is missing" in caplog.text
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"covid": {"balaitous": -1, "convnext3d": 1}, "severe": {}}')
+    with pytest.raises(Exception, match="the covid weights must be >= 0"):
+        read_ensemble_weights(bad)
+
+
+def test_segmentation_then_multitask_pretraining_feed_finetune(
+    phantom_cohort: Path, tmp_path: Path
+) -> None:
+    settings = PretrainSettings(
+        mode="segmentation", size="micro", input_size=32, epochs=2, batch_size=4, lr=1e-3,
+        ema_decay=0.5, drop_path=0.0, augment="paper",
+    )  # fmt: skip
+    patients = read_cohort(phantom_cohort)[:12]
+    segmentation = pretrain(
+        patients, None, settings, tmp_path / "seg", device=CPU,
+        lesion_dir=phantom_cohort / LESION_DIR, progress=False,
+    )  # fmt: skip
+    rows = (tmp_path / "seg" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,val_loss,dice") and len(rows) == 3
+    losses = [float(r.split(",")[1]) for r in rows[1:]]
+    assert losses[1] < losses[0]  # it learns
+    segmenter = load_segmenter(segmentation)
+    assert segmenter(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+    with pytest.raises(InputError, match="holds a pretraining run already"):
+        pretrain(
+            patients, None, settings, tmp_path / "seg", device=CPU,
+            lesion_dir=phantom_cohort / LESION_DIR, progress=False,
+        )  # fmt: skip
+    chosen, labels = task_patients(phantom_cohort, "covid")
+    multitask = PretrainSettings(
+        **{**settings.__dict__, "mode": "multitask", "init": str(segmentation),
+           "pseudo_labels_from": str(segmentation)}
+    )  # fmt: skip
+    path = pretrain(
+        chosen[:12], labels[:12], multitask, tmp_path / "multi", device=CPU, lesion_dir=None,
+        progress=False,
+    )  # fmt: skip
+    assert len(list((tmp_path / "multi" / "pseudo-labels").glob("*.npy"))) == 12
+    header = (tmp_path / "multi" / "metrics.csv").read_text().splitlines()[0]
+    assert "dice" in header and "auc" in header
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["pretraining"] == "multitask" and checkpoint["size"] == "micro"
