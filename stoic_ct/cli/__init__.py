@@ -1,0 +1,61 @@
+"""Command line: `python -m stoic_ct COMMAND ...`.
+
+One module per command group, each registering its parsers with their handlers:
+`predict`, `files` (fetch-weights, sample-scans, random-weights), `phantoms` (phantom,
+phantom-cohort), `heads` (extract-features, merge-features, fit-heads, install-heads,
+evaluate) and `convnext` (inflate-convnext, finetune, pretrain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from stoic_ct.cli import convnext, files, heads, phantoms, predict
+from stoic_ct.errors import StoicError
+from stoic_ct.logs import configure_logging
+
+logger = logging.getLogger("stoic_ct")
+
+DESCRIPTION = """Commands:
+    predict         run the model on any number of scans and print or write the probabilities
+    fetch-weights   download the four model files from where they are published, and check them
+    sample-scans    fetch two public chest CTs (pyradiomics 3.1.0's test data) into a cache
+    random-weights  write randomly initialised model files in the published layouts
+    phantom         write a synthetic chest CT phantom
+    phantom-cohort  write a synthetic cohort in the STOIC training layout
+    extract-features  encoder features of every scan of a STOIC-layout cohort (cached, shardable)
+    merge-features  merge the feature tables of several shards
+    fit-heads       fit the four logistic regressions on a feature table: a new balaitous.npz
+    install-heads   put fitted heads into a model folder (checked, MANIFEST updated)
+    evaluate        nested cross-validated ROC-AUC of the heads, or a score of given predictions
+    inflate-convnext  make convnext3d.pth from 2D ConvNeXt weights (--encoder convnext3d)
+    finetune        fine-tune the 3D ConvNeXt end to end, k folds: convnext3d_<task>.pth
+    pretrain        pretrain the 3D ConvNeXt: lesion segmentation, or multitask with pseudo-labels
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stoic_ct",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (predict, files, phantoms, heads, convnext):
+        group.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit status."""
+    args = _parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        status: int = args.handler(args)
+    except StoicError as error:
+        logger.error("%s", error)
+        return 1
+    return status

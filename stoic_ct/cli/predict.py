@@ -1,0 +1,193 @@
+"""The `predict` command: any number of scans, a results table, QC pictures."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stoic_ct.errors import StoicError
+from stoic_ct.inference.batch import append_row, collected_warnings, qc_file_names, start_csv
+from stoic_ct.io.demographics import parse_age, resolve_demographics
+from stoic_ct.io.imageio import read_scan
+from stoic_ct.options import add_model_arguments
+from stoic_ct.weights.model_files import (
+    default_model_dir,
+)
+
+logger = logging.getLogger("stoic_ct")
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """predict."""
+    predict = commands.add_parser(
+        "predict",
+        help="P(COVID-19) and P(severe COVID-19) for each scan",
+        description="Run Balaitous on each scan (.mha, .mhd, .nii.gz, .nrrd or a DICOM folder). "
+        "Models load once. Results go to stdout, one line per scan, and to --csv.",
+    )
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument(
+        "--age",
+        type=_age,
+        default=None,
+        help="age in years for every scan (default: the PatientAge header, else 65)",
+    )
+    predict.add_argument(
+        "--sex",
+        type=str,
+        default=None,
+        choices=("M", "F"),
+        help="sex for every scan (default: the PatientSex header, else unknown)",
+    )
+    predict.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        help="write the results to this CSV file, a row as each scan finishes",
+    )
+    predict.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of --csv that hold results and skip their scans (failed scans "
+        "run again)",
+    )
+    predict.add_argument(
+        "--lung-mask",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="a lung label image to use instead of the U-Net (labels 1 right, 2 left, or a "
+        "binary mask), any geometry; give it once per IMAGE, in the same order",
+    )
+    predict.add_argument(
+        "--qc",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a quality-control PNG per scan to this folder",
+    )
+    predict.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="slices per encoder batch (default: 32 on a GPU, 16 on a CPU)",
+    )
+    add_model_arguments(predict)
+    predict.set_defaults(handler=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """The `predict` command; 0 when every scan gave a result, 1 otherwise."""
+    from stoic_ct.inference.pipeline import Balaitous, resolve_device
+    from stoic_ct.inference.qc import write_qc
+
+    masks: list[Path | None] = list(args.lung_mask) if args.lung_mask else [None] * len(args.images)
+    if len(masks) != len(args.images):
+        raise StoicError(
+            f"{len(masks)} --lung-mask files for {len(args.images)} images; "
+            "give one mask per image, in the same order"
+        )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise StoicError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.resume and args.csv is None:
+        raise StoicError("--resume needs --csv: the results table tells which scans are done")
+    model_dir = args.model_dir or default_model_dir()
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    model = Balaitous.from_model_dir(
+        model_dir,
+        device,
+        with_segmenter=args.lung_mask is None,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        encoder=args.encoder,
+    )
+    logger.info(
+        "models loaded from %s on %s in %.1f s", model_dir, device, time.perf_counter() - started
+    )
+
+    images = list(zip(args.images, masks, strict=True))
+    done: set[str] = set()
+    if args.csv is not None:
+        try:
+            done = start_csv(args.csv, args.resume)
+        except ValueError as error:
+            raise StoicError(str(error)) from None
+        if done:
+            logger.info("%s holds results for %d of the scans: skipping them", args.csv, len(done))
+    qc_names = qc_file_names(args.images)
+    failed = 0
+    progress = tqdm(images, desc="scans", unit="scan", disable=None, file=sys.stderr)
+    for (image_path, mask_path), qc_name in zip(progress, qc_names, strict=True):
+        if str(image_path) in done:
+            continue
+        row: dict[str, object] = {"image": str(image_path)}
+        with collected_warnings() as warnings:
+            try:
+                scan = read_scan(image_path, args.orientation)
+                demographics = resolve_demographics(
+                    ages=[
+                        ("--age", args.age),
+                        (f"{image_path} header PatientAge", scan.header.get("PatientAge")),
+                    ],
+                    sexes=[
+                        ("--sex", args.sex),
+                        (f"{image_path} header PatientSex", scan.header.get("PatientSex")),
+                    ],
+                )
+                logger.info("%s; %s", scan.describe(), demographics.describe())
+                mask = read_scan(mask_path).volume if mask_path is not None else None
+                try:
+                    result = model.predict(scan.volume, demographics, lung_labels=mask)
+                except StoicError as error:
+                    raise error.with_path(mask_path or image_path) from None
+            except StoicError as error:
+                logger.error("%s", error)
+                row["error"] = str(error)
+                result = None
+        row["warnings"] = " | ".join(warnings)
+        if result is None:
+            failed += 1
+            if args.csv is not None:
+                append_row(args.csv, row)
+            continue
+        p = result.probabilities
+        row |= {
+            "probability_covid_19": f"{p.covid:.6f}",
+            "probability_severe_covid_19": f"{p.severe:.6f}",
+            "age_years": f"{demographics.age_years:g}",
+            "age_source": demographics.age_source,
+            "sex": demographics.sex or "",
+            "sex_source": demographics.sex_source,
+            "lung_found": result.slices.lung_found,
+        }
+        if args.csv is not None:
+            append_row(args.csv, row)
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+        logger.info("%s: %s", image_path, timings)
+        print(
+            f"{image_path}\tP(COVID-19)={p.covid:.4f}\tP(severe COVID-19)={p.severe:.4f}",
+            flush=True,
+        )
+        if args.qc is not None:
+            png = write_qc(result, str(image_path), args.qc / qc_name, warnings)
+            logger.info("quality-control picture: %s", png)
+
+    if args.csv is not None:
+        logger.info("results in %s", args.csv)
+    if failed:
+        logger.error("%d of %d scans failed; see the messages above", failed, len(images))
+    return 1 if failed else 0
+
+
+def _age(text: str) -> float:
+    try:
+        return parse_age(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
