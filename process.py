@@ -21,16 +21,14 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import SimpleITK
 import torch
 from evalutils.evalutils import Algorithm
-from pandas import DataFrame
 
 from stoic_ct.errors import StoicError
-from stoic_ct.inference.pipeline import resolve_device
-from stoic_ct.inference.systems import System, load_system
+from stoic_ct.inference.prediction import System
+from stoic_ct.inference.systems import load_system
 from stoic_ct.io.contract import (
     COVID_OUTPUT,
     INPUT_DIR,
@@ -47,14 +45,18 @@ from stoic_ct.io.imageio import Scan, read_scan, scan_from_image
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.logs import configure_logging
 from stoic_ct.models.heads import Probabilities
-from stoic_ct.options import add_model_arguments
+from stoic_ct.options import add_model_arguments, model_settings
 from stoic_ct.weights.model_files import MODEL_KINDS, default_model_dir
 
 logger = logging.getLogger("stoic_ct.process")
 
 
 class StoicAlgorithm(Algorithm):  # type: ignore[misc]
-    """evalutils' load -> validate -> process_cases -> save, around one of the systems."""
+    """evalutils' load -> validate -> process_cases -> save, around one of the systems.
+
+    Only evalutils' public hooks are overridden; the one case (the job's one scan) and its
+    result are kept here, not in evalutils' private tables.
+    """
 
     def __init__(
         self,
@@ -68,7 +70,8 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
         super().__init__(input_path=input_dir, output_path=output_dir, validators={})
         self.input_dir, self.output_dir, self._model = input_dir, output_dir, model
         self.orientation = orientation
-        self.scans: dict[int, Scan] = {}
+        self.scans: list[Scan] = []
+        self.results: list[dict[str, float]] = []
 
     @cached_property
     def inputs(self) -> JobInputs:
@@ -89,12 +92,18 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
 
     def load(self) -> None:
         """Find and read the one input image, with clear errors instead of evalutils' skipping."""
-        path = find_input_image(self.inputs.image_dir)
-        self.scans = {0: read_scan(path, self.orientation)}
-        self._cases["input_image"] = DataFrame([{"path": path}])
+        self.scans = [read_scan(find_input_image(self.inputs.image_dir), self.orientation)]
 
-    def process_case(self, *, idx: int, case: Any) -> dict[str, float]:
-        return self.predict_scan(self.scans[idx])
+    def validate(self) -> None:
+        """Nothing to add: read_scan has checked the image (evalutils validates its tables)."""
+
+    def process_cases(self, file_loader_key: str | None = None) -> None:
+        """Predict every scan `load` read (one per job)."""
+        self.results = [self.process_case(idx=i, case=scan) for i, scan in enumerate(self.scans)]
+
+    def process_case(self, *, idx: int, case: Scan) -> dict[str, float]:
+        """The outputs of the `idx`-th scan."""
+        return self.predict_scan(case)
 
     def predict(self, *, input_image: SimpleITK.Image) -> dict[str, float]:
         """evalutils' per-image hook: the outputs for an image already in memory."""
@@ -115,7 +124,8 @@ class StoicAlgorithm(Algorithm):  # type: ignore[misc]
         }
 
     def save(self) -> None:
-        (result,) = self._case_results
+        """Write the two output files (atomically: both or none)."""
+        (result,) = self.results
         written = write_outputs(
             self.output_dir, Probabilities(covid=result[COVID_OUTPUT], severe=result[SEVERE_OUTPUT])
         )
@@ -147,18 +157,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(information_to_stdout=True)
     started = time.perf_counter()
     try:
-        device = resolve_device(args.device)
+        settings = model_settings(args)
         model_dir = args.model_dir or default_model_dir()
 
         def load() -> System:
-            model = load_system(
-                args.model, model_dir, device, precision=args.precision, encoder=args.encoder
-            )
+            model = load_system(args.model, model_dir, settings)
             logger.info(
                 "%s loaded from %s on %s (torch %s, %s precision) in %.1f s",
                 args.model,
                 model_dir,
-                device,
+                settings.device,
                 torch.__version__,
                 args.precision,
                 time.perf_counter() - started,

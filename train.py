@@ -2,7 +2,7 @@
 
     python train.py [--input /input] [--output /output] [--scratch /scratch]
                     [--model-dir DIR] [--device auto|cpu|cuda] [--precision exact|fast]
-                    [--encoder vit|convnext3d] [--lung-masks DIR]
+                    [--encoder vit|convnext3d-frozen] [--lung-masks DIR]
                     [--evaluate] [--folds 8] [--repeats 4] [--seed 0]
 
 Reads INPUT/data/mha/<PatientID>.mha and INPUT/metadata/reference.csv, extracts both
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from stoic_ct.errors import StoicError
 from stoic_ct.logs import configure_logging
-from stoic_ct.options import add_model_arguments
+from stoic_ct.options import add_model_arguments, model_settings
 from stoic_ct.weights.model_files import default_model_dir
 
 logger = logging.getLogger("stoic_ct.train")
@@ -77,20 +77,15 @@ def train(args: argparse.Namespace) -> None:
         to_logistic_heads,
         write_heads,
     )
-    from stoic_ct.inference.pipeline import Balaitous, resolve_device
+    from stoic_ct.inference.pipeline import Balaitous
     from stoic_ct.io.cohort import read_cohort
 
     patients = read_cohort(args.input)
     model_dir = args.model_dir or default_model_dir()
     logger.info("%d scans in %s; models from %s", len(patients), args.input, model_dir)
     with_r231 = args.lung_masks is None
-    model = Balaitous.from_model_dir(
-        model_dir,
-        resolve_device(args.device),
-        with_segmenter=with_r231,
-        precision=args.precision,
-        encoder=args.encoder,
-        with_heads=False,
+    model = Balaitous.feature_extractor(
+        model_dir, model_settings(args), lung_masks="r231" if with_r231 else "given"
     )
     key = encoder_key(model_dir, args.precision, with_r231, args.encoder, args.orientation)
     table = extract(patients, model, args.scratch / "feature-cache", key, args.lung_masks)

@@ -94,6 +94,7 @@ class Ours:
 
     def __init__(self, model_dir: Path, device: str, precision: str) -> None:
         from stoic_ct.inference.pipeline import Balaitous
+        from stoic_ct.inference.precision import ModelSettings
         from stoic_ct.preprocessing.lung_segmentation import R231Segmenter
         from stoic_ct.weights.model_files import ModelFiles
 
@@ -106,7 +107,7 @@ class Ours:
             return mask
 
         self.model = Balaitous.from_model_dir(
-            model_dir, torch.device(device), segmenter=recorded_unet, precision=precision
+            model_dir, ModelSettings(torch.device(device), precision), lung_masks=recorded_unet
         )
 
     def __call__(self, image: Path) -> tuple[dict[str, float], tuple[float, float]]:

@@ -4,11 +4,29 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
-from stoic_ct.inference.precision import PRECISIONS
+from stoic_ct.inference.precision import PRECISIONS, ModelSettings, resolve_device
 from stoic_ct.io.orientation import ORIENTATIONS
-from stoic_ct.weights.model_files import ENCODER_KINDS
+from stoic_ct.weights.model_files import ENCODER_ALIASES, ENCODER_KINDS
+
+logger = logging.getLogger(__name__)
+
+
+def encoder_name(value: str) -> str:
+    """--encoder's value, with an old name turned into the new one and a deprecation notice."""
+    new = ENCODER_ALIASES.get(value)
+    if new is None:
+        return value
+    logger.warning(
+        "--encoder %s is deprecated and will be removed in the next release: it is now "
+        "called --encoder %s (the frozen 3D ConvNeXt under logistic heads; the fine-tuned "
+        "one is --model convnext3d)",
+        value,
+        new,
+    )
+    return new
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +53,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--encoder",
+        type=encoder_name,
         choices=ENCODER_KINDS,
         default="vit",
-        help="vit: the published Balaitous encoders (default); convnext3d: the 3D ConvNeXt "
-        "of convnext3d.pth with the heads of convnext3d_heads.npz",
+        help="the frozen encoders under the logistic heads. vit: the published Balaitous "
+        "ViTs (default); convnext3d-frozen: the 3D ConvNeXt of convnext3d.pth with the heads "
+        "of convnext3d_heads.npz (formerly 'convnext3d', still accepted for one release)",
     )
     parser.add_argument(
         "--orientation",
@@ -47,4 +67,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="canonical: reorient each scan to LPS, as STOIC stores scans (default; exact, "
         "no interpolation); as-stored: feed the voxels in the file's order, as the "
         "published package does",
+    )
+
+
+def model_settings(args: argparse.Namespace) -> ModelSettings:
+    """The ModelSettings that add_model_arguments' options (and --batch-size, where a
+    command has it) ask for.
+
+    Raises:
+        StoicError: when --device cuda is asked for without a GPU, or --batch-size < 1.
+    """
+    return ModelSettings(
+        resolve_device(args.device),
+        args.precision,
+        args.encoder,
+        getattr(args, "batch_size", None),
     )

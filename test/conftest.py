@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path) -> Balaitous:
     """Balaitous with tiny encoders and the threshold segmenter, on the CPU."""
-    return Balaitous.from_model_dir(tiny_model_dir, torch.device("cpu"), segmenter=threshold_lungs)
+    return Balaitous.from_model_dir(tiny_model_dir, lung_masks=threshold_lungs)
 
 
 @pytest.fixture(autouse=True)

@@ -92,14 +92,17 @@ def resident_bytes(path: Path) -> int:
     return _smaps_of(path)[1]
 
 
-def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") -> None:
+def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") -> str:
     """process.py, in a subprocess on a thin phantom, gives what the pipeline built in this
-    process from `model_dir`'s files gives (within 1e-6): it loaded those files."""
+    process from `model_dir`'s files gives (within 1e-6): it loaded those files.
+
+    Returns:
+        process.py's stderr.
+    """
     import json
 
-    import torch
-
     from stoic_ct.inference.pipeline import Balaitous
+    from stoic_ct.inference.precision import ModelSettings
     from stoic_ct.io.demographics import resolve_demographics
     from stoic_ct.io.imageio import read_scan
 
@@ -120,13 +123,14 @@ def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") ->
     demographics = resolve_demographics(
         [("header", scan.header.get("PatientAge"))], [("header", scan.header.get("PatientSex"))]
     )
-    model = Balaitous.from_model_dir(model_dir, torch.device("cpu"), encoder=encoder)
+    model = Balaitous.from_model_dir(model_dir, ModelSettings(encoder=encoder))
     expected = model.predict(scan.volume, demographics).probabilities
     for name, value in (
         ("probability-covid-19.json", expected.covid),
         ("probability-severe-covid-19.json", expected.severe),
     ):
         assert abs(json.loads((work / "output" / name).read_text()) - value) <= 1e-6, name
+    return done.stderr
 
 
 def write_dicom_series(

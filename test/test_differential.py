@@ -20,6 +20,7 @@ import torch
 
 from bench.published import published_environment, published_heads_path
 from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.inference.precision import ModelSettings
 from stoic_ct.io.demographics import Demographics, Sex, resolve_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.io.volume import Volume
@@ -111,7 +112,7 @@ def published_model(
 @pytest.fixture(scope="module")
 def our_model(vitl_model_dir: Path) -> Balaitous:
     return Balaitous.from_model_dir(
-        vitl_model_dir, torch.device(OUR_DEVICE), segmenter=threshold_lungs
+        vitl_model_dir, ModelSettings(torch.device(OUR_DEVICE)), lung_masks=threshold_lungs
     )
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from fileserver import Route, serving
 
 import process
@@ -86,7 +85,7 @@ def test_container_run(shared_model_dir: Path, shared_tmp: Path) -> None:
     assert str(image) in done.stdout
 
     scan = read_scan(image)
-    model = Balaitous.from_model_dir(shared_model_dir, torch.device("cpu"))
+    model = Balaitous.from_model_dir(shared_model_dir)
     expected = model.predict(
         scan.volume, demographics_for(scan, read_job_inputs(shared_tmp / "input"))
     )

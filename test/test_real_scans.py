@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from helpers import run_as_container, write_dicom_series
-from stoic_ct.inference.pipeline import Balaitous, Result
+from stoic_ct.inference.pipeline import Balaitous, BalaitousPrediction
 from stoic_ct.inference.qc import ZOOM, render_qc
 from stoic_ct.io.demographics import resolve_demographics
 from stoic_ct.io.imageio import read_scan
@@ -25,12 +25,12 @@ from stoic_ct.preprocessing.resampling import resample
 DEMOGRAPHICS = resolve_demographics([("test", 60)], [("test", "F")])
 
 
-def predict(model: Balaitous, path: Path, orientation: str = "canonical") -> Result:
+def predict(model: Balaitous, path: Path, orientation: str = "canonical") -> BalaitousPrediction:
     scan = read_scan(path, "as-stored" if orientation == "as-stored" else "canonical")
     return model.predict(scan.volume, DEMOGRAPHICS)
 
 
-def probabilities(result: Result) -> np.ndarray:
+def probabilities(result: BalaitousPrediction) -> np.ndarray:
     return np.array([result.probabilities.covid, result.probabilities.severe])
 
 

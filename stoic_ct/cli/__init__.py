@@ -30,7 +30,7 @@ DESCRIPTION = """Commands:
     fit-heads       fit the four logistic regressions on a feature table: a new balaitous.npz
     install-heads   put fitted heads into a model folder (checked, MANIFEST updated)
     evaluate        nested cross-validated ROC-AUC of the heads, or a score of given predictions
-    inflate-convnext  make convnext3d.pth from 2D ConvNeXt weights (--encoder convnext3d)
+    inflate-convnext  make convnext3d.pth from 2D ConvNeXt weights (--encoder convnext3d-frozen)
     finetune        fine-tune the 3D ConvNeXt end to end, k folds: convnext3d_<task>.pth
     pretrain        pretrain the 3D ConvNeXt: lesion segmentation, or multitask with pseudo-labels
 """

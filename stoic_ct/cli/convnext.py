@@ -22,7 +22,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="make convnext3d.pth: a 3D ConvNeXt inflated from 2D ConvNeXt weights",
         description="Inflate a 2D ConvNeXt checkpoint (the official release's, with its "
         "'model' key, or timm's) into the 3D ConvNeXt of Kienzle et al. and write it for "
-        "--encoder convnext3d. The RGB stem is summed to one channel; the 2D head is "
+        "--encoder convnext3d-frozen. The RGB stem is summed to one channel; the 2D head is "
         "dropped. See stoic_ct/models/inflation.py for the kernel layouts and normalisations.",
     )
     inflate.add_argument(
@@ -213,7 +213,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     """The `finetune` command."""
     from stoic_ct.convnext_training.finetuning import FinetuneSettings
     from stoic_ct.convnext_training.finetuning import finetune as run
-    from stoic_ct.inference.pipeline import resolve_device
+    from stoic_ct.inference.precision import resolve_device
     from stoic_ct.preprocessing.cubes import task_patients
 
     if args.init is not None and not args.init.exists():
@@ -251,7 +251,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     """The `pretrain` command."""
     from stoic_ct.convnext_training.pretraining import PretrainSettings
     from stoic_ct.convnext_training.pretraining import pretrain as run
-    from stoic_ct.inference.pipeline import resolve_device
+    from stoic_ct.inference.precision import resolve_device
     from stoic_ct.io.cohort import read_cohort
     from stoic_ct.preprocessing.cubes import LESION_DIR, task_patients
 

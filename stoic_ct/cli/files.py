@@ -90,8 +90,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def run_fetch_weights(args: argparse.Namespace) -> int:
     """The `fetch-weights` command."""
-    import torch
-
     from stoic_ct.inference.pipeline import Balaitous, check_model_file
     from stoic_ct.weights.fetch import Sources
     from stoic_ct.weights.fetch import fetch_weights as fetch
@@ -99,7 +97,7 @@ def run_fetch_weights(args: argparse.Namespace) -> int:
     dest = args.dest or REPOSITORY_MODEL_DIR
     fetch(dest, Sources(args.zenodo_url, args.lungmask_url, args.index_url), check_model_file)
     # The files fit together: the encoders' features are what the heads take.
-    Balaitous.from_model_dir(dest, torch.device("cpu"), with_segmenter=False)
+    Balaitous.from_model_dir(dest, lung_masks="given")
     return 0
 
 

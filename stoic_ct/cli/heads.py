@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stoic_ct.errors import StoicError
-from stoic_ct.options import add_model_arguments
+from stoic_ct.options import add_model_arguments, model_settings
 from stoic_ct.weights.model_files import (
     REPOSITORY_MODEL_DIR,
     default_model_dir,
@@ -139,7 +139,7 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
 def run_extract_features(args: argparse.Namespace) -> int:
     """The `extract-features` command; 1 when some scans failed (the table holds the rest)."""
     from stoic_ct.head_training.features import encoder_key, extract
-    from stoic_ct.inference.pipeline import Balaitous, resolve_device
+    from stoic_ct.inference.pipeline import Balaitous
     from stoic_ct.io.cohort import UNKNOWN, parse_shard, read_cohort, shard
 
     try:
@@ -159,14 +159,10 @@ def run_extract_features(args: argparse.Namespace) -> int:
     if args.lung_masks is not None and not args.lung_masks.is_dir():
         raise StoicError("--lung-masks is not a folder", args.lung_masks)
     model_dir = args.model_dir or default_model_dir()
-    model = Balaitous.from_model_dir(
+    model = Balaitous.feature_extractor(
         model_dir,
-        resolve_device(args.device),
-        with_segmenter=args.lung_masks is None,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        encoder=args.encoder,
-        with_heads=False,
+        model_settings(args),
+        lung_masks="r231" if args.lung_masks is None else "given",
     )
     key = encoder_key(
         model_dir, args.precision, args.lung_masks is None, args.encoder, args.orientation
@@ -211,7 +207,7 @@ def run_fit_heads(args: argparse.Namespace) -> int:
     from stoic_ct.head_training.training import fit_heads as fit
     from stoic_ct.head_training.training import (
         heads_document,
-        report_name,
+        recorded_encoder,
         to_logistic_heads,
         write_heads,
     )
@@ -221,7 +217,7 @@ def run_fit_heads(args: argparse.Namespace) -> int:
     fits = fit(table, settings)
     document = heads_document(fits, table, settings)
     path = write_heads(args.out, to_logistic_heads(fits), document)
-    logger.info("wrote %s and %s", path, path.with_name(report_name(document["data"]["encoder"])))
+    logger.info("wrote %s and %s", path, path.with_name(recorded_encoder(document).report))
     return 0
 
 

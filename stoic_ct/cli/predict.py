@@ -14,7 +14,7 @@ from stoic_ct.errors import StoicError
 from stoic_ct.inference.batch import append_row, collected_warnings, qc_file_names, start_csv
 from stoic_ct.io.demographics import parse_age, resolve_demographics
 from stoic_ct.io.imageio import read_scan
-from stoic_ct.options import add_model_arguments
+from stoic_ct.options import add_model_arguments, model_settings
 from stoic_ct.weights.model_files import (
     default_model_dir,
 )
@@ -84,7 +84,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def run_predict(args: argparse.Namespace) -> int:
     """The `predict` command; 0 when every scan gave a result, 1 otherwise."""
-    from stoic_ct.inference.pipeline import Balaitous, resolve_device
+    from stoic_ct.inference.pipeline import Balaitous
     from stoic_ct.inference.qc import write_qc
 
     masks: list[Path | None] = list(args.lung_mask) if args.lung_mask else [None] * len(args.images)
@@ -98,18 +98,16 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.resume and args.csv is None:
         raise StoicError("--resume needs --csv: the results table tells which scans are done")
     model_dir = args.model_dir or default_model_dir()
-    device = resolve_device(args.device)
+    settings = model_settings(args)
     started = time.perf_counter()
     model = Balaitous.from_model_dir(
-        model_dir,
-        device,
-        with_segmenter=args.lung_mask is None,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        encoder=args.encoder,
+        model_dir, settings, lung_masks="r231" if args.lung_mask is None else "given"
     )
     logger.info(
-        "models loaded from %s on %s in %.1f s", model_dir, device, time.perf_counter() - started
+        "models loaded from %s on %s in %.1f s",
+        model_dir,
+        settings.device,
+        time.perf_counter() - started,
     )
 
     images = list(zip(args.images, masks, strict=True))

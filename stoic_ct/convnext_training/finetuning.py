@@ -42,7 +42,7 @@ from stoic_ct.convnext_training.augmentation import augmentation
 from stoic_ct.convnext_training.trainer import (
     BEST,
     Evaluation,
-    OptimiserSettings,
+    NetworkSettings,
     Trainer,
     fit,
     seed_of,
@@ -57,7 +57,6 @@ from stoic_ct.preprocessing.cubes import (
     FINETUNE_TASKS,
     Cube,
     cached_cubes,
-    check_network_settings,
     load_batch,
 )
 
@@ -71,34 +70,24 @@ def class_names(task: str) -> tuple[str, ...]:
     return ("negative", "positive") if task == "covid" else ("not severe", "severe")
 
 
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """Everything that decides a fine-tuning run (written to OUT/settings.json).
+@dataclass(frozen=True, kw_only=True)
+class FinetuneSettings(NetworkSettings):
+    """Everything that decides a fine-tuning run (written to OUT/settings.json): the
+    network settings, the task and the folds.
 
     Defaults are the paper's where it gives them (lr 5e-5, batch 4, EMA 0.99, 5 folds,
     224^3 inputs); epochs, weight decay and drop path are ours.
     """
 
     task: str = "covid"
-    size: str = "tiny"
-    input_size: int = 224
     folds: int = 5
-    epochs: int = 30
-    batch_size: int = 4
-    lr: float = 5e-5
-    weight_decay: float = 0.05
-    ema_decay: float = 0.99
-    drop_path: float = 0.1
-    augment: str = "paper"
-    seed: int = 0
-    init: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.task not in FINETUNE_TASKS:
             raise ValueError(f"task must be one of {', '.join(FINETUNE_TASKS)}, not {self.task!r}")
-        check_network_settings(self.size, self.input_size, self.augment)
-        if self.folds < 2 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("folds must be >= 2, epochs and batch size >= 1")
+        if self.folds < 2:
+            raise ValueError("folds must be >= 2")
 
 
 @dataclass(frozen=True)
@@ -189,7 +178,7 @@ def train_fold(
     trainer = Trainer(
         model,
         device,
-        OptimiserSettings(settings.lr, settings.weight_decay, settings.ema_decay),
+        settings.optimiser,
     )
     weights = compute_class_weight("balanced", classes=np.arange(classes), y=labels[train]).astype(
         np.float32

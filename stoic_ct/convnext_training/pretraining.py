@@ -33,7 +33,7 @@ from stoic_ct.convnext_training.augmentation import Compose, augmentation
 from stoic_ct.convnext_training.trainer import (
     BEST,
     Evaluation,
-    OptimiserSettings,
+    NetworkSettings,
     Trainer,
     fit,
     seed_of,
@@ -52,7 +52,6 @@ from stoic_ct.models.convnext3d import (
 from stoic_ct.preprocessing.cubes import (
     Cube,
     cached_cubes,
-    check_network_settings,
     load_batch,
     save_array,
 )
@@ -63,28 +62,21 @@ MODES = ("segmentation", "multitask")
 PRETRAINED = "pretrained.pth"
 
 
-@dataclass(frozen=True)
-class PretrainSettings:
-    """What decides a pretraining run (OUT/settings.json)."""
+@dataclass(frozen=True, kw_only=True)
+class PretrainSettings(NetworkSettings):
+    """What decides a pretraining run (OUT/settings.json): the network settings (with a
+    smaller batch and a larger learning rate by default), the mode and where the
+    pseudo-labels come from."""
 
-    mode: str = "segmentation"
-    size: str = "tiny"
-    input_size: int = 224
-    epochs: int = 30
     batch_size: int = 2
     lr: float = 1e-4
-    weight_decay: float = 0.05
-    ema_decay: float = 0.99
-    drop_path: float = 0.1
-    augment: str = "paper"
-    seed: int = 0
-    init: str | None = None
+    mode: str = "segmentation"
     pseudo_labels_from: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        check_network_settings(self.size, self.input_size, self.augment)
 
 
 class MultiTaskConvNeXt(nn.Module):
@@ -242,9 +234,7 @@ def pretrain(
         model = ConvNeXt3DSegmenter(backbone, num_classes=2)
     else:
         model = MultiTaskConvNeXt(backbone, classes=int(np.max(labels)) + 1)  # type: ignore[arg-type]
-    trainer = Trainer(
-        model, device, OptimiserSettings(settings.lr, settings.weight_decay, settings.ema_decay)
-    )
+    trainer = Trainer(model, device, settings.optimiser)
     class_weight, targets = None, torch.zeros(len(cubes), dtype=torch.long, device=device)
     if labels is not None and settings.mode == "multitask":
         classes = int(labels.max()) + 1

@@ -33,7 +33,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stoic_ct.atomic import atomic_write
+from stoic_ct.convnext_training.augmentation import AUGMENTATIONS
 from stoic_ct.errors import InputError
+from stoic_ct.models.convnext3d import SIZES
 from stoic_ct.plots import Panel, Series, fitted_range, line_panels
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,52 @@ class OptimiserSettings:
     lr: float = 5e-5
     weight_decay: float = 0.05
     ema_decay: float = 0.99
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkSettings:
+    """What every ConvNeXt training run (`finetune`, `pretrain`) decides about the network,
+    its input and its optimisation; each run's settings add their own fields.
+
+    Attributes:
+        size: the ConvNeXt size (stoic_ct.models.convnext3d.SIZES).
+        input_size: the side of the input cube, voxels (a multiple of 32).
+        epochs, batch_size: of the run.
+        lr, weight_decay, ema_decay: AdamW and the weights' moving average.
+        drop_path: stochastic depth rate.
+        augment: the augmentation preset (stoic_ct.convnext_training.augmentation).
+        seed: of every random draw of the run.
+        init: the checkpoint the network starts from (None: random weights).
+    """
+
+    size: str = "tiny"
+    input_size: int = 224
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 5e-5
+    weight_decay: float = 0.05
+    ema_decay: float = 0.99
+    drop_path: float = 0.1
+    augment: str = "paper"
+    seed: int = 0
+    init: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {', '.join(SIZES)}, not {self.size!r}")
+        if self.input_size < 32 or self.input_size % 32:
+            raise ValueError(f"input size must be a multiple of 32, not {self.input_size}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(
+                f"augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}"
+            )
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be >= 1")
+
+    @property
+    def optimiser(self) -> OptimiserSettings:
+        """The Trainer's part of the settings."""
+        return OptimiserSettings(self.lr, self.weight_decay, self.ema_decay)
 
 
 class Trainer:

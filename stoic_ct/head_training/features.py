@@ -34,13 +34,13 @@ from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
 from stoic_ct.errors import InputError, StoicError
-from stoic_ct.inference.pipeline import Encoded
+from stoic_ct.inference.pipeline import EncodedScan
 from stoic_ct.io.cohort import Patient, task_rows
 from stoic_ct.io.demographics import Demographics, resolve_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.io.volume import Volume
-from stoic_ct.weights.model_files import ModelFiles, sha256_of
+from stoic_ct.weights.model_files import ModelFiles, encoder_kind, sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class FeatureExtractor(Protocol):
     `stoic_ct.inference.pipeline.Balaitous` is one; tests pass counting or interrupting wrappers.
     """
 
-    def encode(self, volume: Volume, lung_labels: Volume | None = None) -> Encoded: ...
+    def encode(self, volume: Volume, lung_labels: Volume | None = None) -> EncodedScan: ...
 
 
 def encoder_key(
@@ -195,11 +195,11 @@ def encoder_key(
 
     Returns:
         {"encoder_key": hex digest, "model_files": {name: sha256}, "precision": ...,
-        "encoder": "vit" or "convnext3d", "orientation": "canonical" or "as-stored"}.
+        "encoder": "vit" or "convnext3d-frozen", "orientation": "canonical" or "as-stored"}.
     """
     files = ModelFiles(model_dir)
-    encoders = [files.convnext3d] if encoder == "convnext3d" else [files.vit_ct, files.vit_imagenet]
-    paths = encoders + ([files.r231] if with_r231 else [])
+    kind = encoder_kind(encoder)
+    paths = [files.path(spec) for spec in kind.files] + ([files.r231] if with_r231 else [])
     started = time.perf_counter()
     digests = {p.name: sha256_of(p) for p in paths}
     logger.info("hashed the model files in %.1f s", time.perf_counter() - started)
@@ -209,7 +209,7 @@ def encoder_key(
         "encoder_key": key,
         "model_files": digests,
         "precision": precision,
-        "encoder": encoder,
+        "encoder": kind.name,
         "orientation": orientation,
     }
 

@@ -31,17 +31,14 @@ from sklearn.preprocessing import StandardScaler
 from stoic_ct.atomic import atomic_write
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.head_training.features import FeatureTable, labelled
+from stoic_ct.inference.encoders import feature_dim
 from stoic_ct.io.cohort import STOIC_TASKS
-from stoic_ct.models.convnext3d import load_convnext3d
 from stoic_ct.models.heads import ENCODERS, LogisticHeads
-from stoic_ct.models.vit import load_vit
 from stoic_ct.weights.model_files import (
-    CONVNEXT3D,
-    CONVNEXT_HEADS,
+    ENCODER_CHOICES,
     R231,
-    VIT_CT,
-    VIT_IMAGENET,
-    heads_spec,
+    EncoderKind,
+    encoder_kind,
     read_manifest,
     sha256_of,
     write_manifest,
@@ -285,12 +282,10 @@ def fit_report(fits: dict[str, TaskFit], settings: FitSettings) -> dict[str, Any
     }
 
 
-HEADS_REPORT = "heads.json"
-
-
-def report_name(encoder: str) -> str:
-    """heads.json beside balaitous.npz; convnext3d_heads.json beside convnext3d_heads.npz."""
-    return "convnext3d_heads.json" if encoder == "convnext3d" else HEADS_REPORT
+def recorded_encoder(document: dict[str, Any]) -> EncoderKind:
+    """The encoder choice a heads report (or a feature table's provenance, under "data")
+    records; the ViTs when it records none (reports older than the choice)."""
+    return encoder_kind(document.get("data", {}).get("encoder", "vit"))
 
 
 def heads_document(
@@ -305,7 +300,7 @@ def heads_document(
             "encoder_key": table.provenance.get("encoder_key"),
             "model_files": dict(table.provenance.get("model_files", {})),
             "precision": table.provenance.get("precision"),
-            "encoder": table.provenance.get("encoder", "vit"),
+            "encoder": encoder_kind(table.provenance.get("encoder", "vit")).name,
             "lung_masks": table.provenance.get("lung_masks"),
             "extraction_failures": len(table.provenance.get("failures", [])),
         },
@@ -329,9 +324,8 @@ def write_heads(
         ModelFileError: when `out_dir` holds encoder files other than the features'.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoder = document.get("data", {}).get("encoder", "vit")
-    specs = (CONVNEXT3D,) if encoder == "convnext3d" else (VIT_CT, VIT_IMAGENET)
-    encoder_files = [out_dir / spec.name for spec in specs]
+    kind = recorded_encoder(document)
+    encoder_files = [out_dir / spec.name for spec in kind.files]
     recorded = document.get("data", {}).get("model_files", {})
     for path in encoder_files:
         if path.exists() and path.name in recorded and sha256_of(path) != recorded[path.name]:
@@ -341,19 +335,15 @@ def write_heads(
                 path,
             )
     if encoder_files[0].exists():
-        dim = (
-            load_convnext3d(encoder_files[0])[0].feature_dim
-            if encoder == "convnext3d"
-            else load_vit(encoder_files[0], VIT_CT, depth=1).config.embed_dim
-        )
+        dim = feature_dim(kind.full, encoder_files[0])
         if dim != heads.feature_dim:
             raise ModelFileError(
                 f"gives features of length {dim}, but the heads take {heads.feature_dim}",
                 encoder_files[0],
             )
-    heads_path = heads.save(out_dir / heads_spec(encoder).name)
+    heads_path = heads.save(out_dir / kind.heads.name)
     text = json.dumps(document, indent=1) + "\n"
-    atomic_write(out_dir / report_name(encoder), lambda f: f.write(text.encode()))
+    atomic_write(out_dir / kind.report, lambda f: f.write(text.encode()))
     manifest = read_manifest(out_dir)
     if manifest:
         manifest[heads_path.name] = sha256_of(heads_path)
@@ -379,12 +369,15 @@ def install_heads(source: Path, model_dir: Path) -> Path:
     Raises:
         ModelFileError: when the heads cannot be read or do not fit the folder's encoders.
     """
-    encoder = "convnext3d" if (source / CONVNEXT_HEADS.name).exists() else "vit"
-    heads = LogisticHeads.load(source / heads_spec(encoder).name)
-    report = source / report_name(encoder)
+    # A fit-heads output folder holds one heads file; when a model folder is given as
+    # the source, its ConvNeXt heads are the ones that were added to it.
+    present = [k for k in ENCODER_CHOICES.values() if (source / k.heads.name).exists()]
+    kind = present[-1] if present else ENCODER_CHOICES["vit"]
+    heads = LogisticHeads.load(source / kind.heads.name)
+    report = source / kind.report
     document = json.loads(report.read_text(encoding="utf-8")) if report.exists() else {}
     dim = document.get("data", {}).get("feature_dim")
     if dim is not None and dim != heads.feature_dim:
         raise ModelFileError(f"records features of length {dim}, not {heads.feature_dim}", report)
-    document.setdefault("data", {}).setdefault("encoder", encoder)
+    document.setdefault("data", {}).setdefault("encoder", kind.name)
     return write_heads(model_dir, heads, document)

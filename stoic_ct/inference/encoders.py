@@ -1,29 +1,99 @@
-"""Slice encoders: a stack of axial slices to one feature vector (docs/pipeline.md,
-Balaïtous steps 8-11).
+"""The frozen encoders: a stack of axial slices to one feature vector (docs/pipeline.md,
+Balaïtous steps 8-11), and the one place that loads them for an --encoder choice.
 
-Each slice is windowed to [-1024, 600] HU, scaled to [0, 1], replicated to three
-channels and normalised with the ImageNet mean and std; the feature is the CLS token
-after the last block, averaged over the slices, then averaged with the same for the
-vertically flipped slices.
+`SliceEncoder` (the published ViTs): each slice is windowed to [-1024, 600] HU, scaled to
+[0, 1], replicated to three channels and normalised with the ImageNet mean and std; the
+feature is the CLS token after the last block, averaged over the slices, then averaged
+with the same for the vertically flipped slices. `VolumeEncoder` (the frozen 3D ConvNeXt, `--encoder
+convnext3d-frozen`) sees the same stack whole, as one volume.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from stoic_ct.inference.precision import check_precision, int8_linear, numerics
-from stoic_ct.models.convnext3d import ConvNeXt3D
-from stoic_ct.models.vit import VisionTransformer
+from stoic_ct.inference.precision import ModelSettings, check_precision, int8_linear, numerics
+from stoic_ct.models.convnext3d import ConvNeXt3D, load_convnext3d
+from stoic_ct.models.vit import VisionTransformer, load_vit
 from stoic_ct.preprocessing.convnext_preprocessing import to_cube
 from stoic_ct.preprocessing.cropping import HU_WINDOW
 from stoic_ct.weights.checkpoints import release_file_pages
+from stoic_ct.weights.model_files import (
+    CONVNEXT3D,
+    VIT_CT,
+    VIT_IMAGENET,
+    EncoderKind,
+    ModelFiles,
+    ModelFileSpec,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The blocks of each published ViT that Balaitous runs: all 24 of the CT one, the first
+# 16 of the ImageNet one.
+VIT_BLOCKS = {VIT_CT: 24, VIT_IMAGENET: 16}
+
+
+class Encoder(Protocol):
+    """A frozen encoder: (H, W, Z) HU slices -> (D,) float64 feature."""
+
+    dim: int
+
+    def __call__(self, slices: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class LoadedEncoders:
+    """The "full" and "lung" encoders of one --encoder choice, with the files they came from.
+
+    `full` sees the cropped slices, `lung` the same slices with everything outside the
+    lungs set to -1024 HU; one network may serve as both.
+    """
+
+    full: Encoder
+    lung: Encoder
+    sources: dict[str, Path]
+
+
+def load_encoders(kind: EncoderKind, files: ModelFiles, settings: ModelSettings) -> LoadedEncoders:
+    """Load the encoders of `kind` from the model folder onto `settings.device`.
+
+    Raises:
+        ModelFileError: when a file is missing or malformed.
+    """
+    full, lung = files.path(kind.full), files.path(kind.lung)
+    if kind.full == CONVNEXT3D:
+        convnext, input_size = load_convnext3d(full)
+        shared = VolumeEncoder(convnext, settings.device, input_size, settings.precision)
+        return LoadedEncoders(shared, shared, {"full": full, "lung": lung})
+    encoders = [
+        SliceEncoder(
+            load_vit(path, spec, VIT_BLOCKS[spec]),
+            settings.device,
+            settings.batch_size,
+            settings.precision,
+            weights=path,
+        )
+        for spec, path in ((kind.full, full), (kind.lung, lung))
+    ]
+    return LoadedEncoders(encoders[0], encoders[1], {"full": full, "lung": lung})
+
+
+def feature_dim(spec: ModelFileSpec, path: Path) -> int:
+    """The length of the features the encoder file `path` (a `spec` file) gives.
+
+    Raises:
+        ModelFileError: when the file cannot be read as `spec`.
+    """
+    if spec == CONVNEXT3D:
+        return load_convnext3d(path)[0].feature_dim
+    return load_vit(path, spec, depth=1).config.embed_dim
 
 
 def to_model_input(

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal
 
 import numpy as np
-import torch
 
 from stoic_ct.errors import ModelFileError, StoicError
-from stoic_ct.inference.encoders import SliceEncoder, VolumeEncoder
+from stoic_ct.inference.encoders import VIT_BLOCKS, Encoder, load_encoders
+from stoic_ct.inference.precision import EXACT_ON_CPU, ModelSettings
+from stoic_ct.inference.prediction import Prediction
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.volume import Volume
-from stoic_ct.models.convnext3d import load_convnext3d
-from stoic_ct.models.heads import LogisticHeads, Probabilities
+from stoic_ct.models.heads import LogisticHeads
 from stoic_ct.models.vit import load_vit
 from stoic_ct.preprocessing.cropping import (
     InPlaneCrop,
@@ -38,21 +38,19 @@ from stoic_ct.preprocessing.lung_segmentation import (
 from stoic_ct.preprocessing.resampling import resample
 from stoic_ct.weights.checkpoints import check_r231_weights
 from stoic_ct.weights.model_files import (
-    ENCODER_KINDS,
     HEADS,
     R231,
-    VIT_CT,
-    VIT_IMAGENET,
     ModelFiles,
     ModelFileSpec,
-    heads_spec,
+    encoder_kind,
     problem,
 )
 
 logger = logging.getLogger(__name__)
 
-FULL_ENCODER_BLOCKS = 24
-LUNG_ENCODER_BLOCKS = 16
+# Where the lung masks come from: the R231 U-Net, the caller (with each scan), or a
+# segmenter of the caller's.
+LungMasks = Literal["r231", "given"] | LungSegmenter
 
 
 @dataclass(frozen=True)
@@ -95,17 +93,9 @@ def prepare_slices(volume: Volume, labels: np.ndarray) -> SliceStack:
     return SliceStack(image, mask, kept, crop, lung_found=True)
 
 
-class Encoder(Protocol):
-    """A frozen encoder: (H, W, Z) HU slices -> (D,) feature."""
-
-    dim: int
-
-    def __call__(self, slices: np.ndarray) -> np.ndarray: ...
-
-
 @dataclass(frozen=True)
-class Encoded:
-    """The two features of one scan and what the encoders saw.
+class EncodedScan:
+    """The two encoder features of one scan and what the encoders saw.
 
     Attributes:
         features: "full" and "lung" encoder features, (D,) float64 each.
@@ -119,28 +109,24 @@ class Encoded:
 
 
 @dataclass(frozen=True)
-class Result:
-    """The probabilities for one scan with what led to them.
+class BalaitousPrediction(Prediction):
+    """A Prediction with what led to it.
 
     Attributes:
-        features: "full" and "lung" encoder features, (D,) each.
+        demographics: the age and sex the heads were given.
+        features: "full" and "lung" encoder features, (D,) float64 each.
         slices: the encoders' input, for quality control.
-        seconds: wall time per stage.
     """
 
-    probabilities: Probabilities
     demographics: Demographics
     features: dict[str, np.ndarray]
     slices: SliceStack
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def check_model_file(spec: ModelFileSpec, path: Path) -> None:
     """Raise ModelFileError unless `path` loads as the published `spec` file (keys, shapes)."""
-    if spec == VIT_CT:
-        load_vit(path, VIT_CT, FULL_ENCODER_BLOCKS)
-    elif spec == VIT_IMAGENET:
-        load_vit(path, VIT_IMAGENET, LUNG_ENCODER_BLOCKS)
+    if spec in VIT_BLOCKS:
+        load_vit(path, spec, VIT_BLOCKS[spec])
     elif spec == R231:
         check_r231_weights(path)
     elif spec == HEADS:
@@ -149,22 +135,12 @@ def check_model_file(spec: ModelFileSpec, path: Path) -> None:
         raise ValueError(f"no check for {spec.name}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" (a GPU when there is one), "cpu" or "cuda"."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StoicError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
-    if name not in ("cpu", "cuda"):
-        raise StoicError(f"device must be auto, cpu or cuda, not {name!r}")
-    return torch.device(name)
-
-
 class Balaitous:
     """The Balaïtous model: lung segmenter, two encoders and four logistic heads on a device.
 
-    The encoders are the published ViTs, or a 3D ConvNeXt (`encoder="convnext3d"`) seeing
-    the same crops whole; the heads are the ones fitted on that encoder's features.
+    The encoders are the published ViTs, or the frozen 3D ConvNeXt
+    (`encoder="convnext3d-frozen"`) seeing the same crops whole; the heads are the ones
+    fitted on that encoder's features.
     """
 
     def __init__(
@@ -180,30 +156,45 @@ class Balaitous:
     def from_model_dir(
         cls,
         model_dir: Path,
-        device: torch.device,
+        settings: ModelSettings = EXACT_ON_CPU,
         *,
-        segmenter: LungSegmenter | None = None,
-        with_segmenter: bool = True,
-        batch_size: int | None = None,
-        precision: str = "exact",
-        encoder: str = "vit",
-        with_heads: bool = True,
+        lung_masks: LungMasks = "r231",
     ) -> Balaitous:
-        """Load every model from `model_dir` (never from the network).
+        """The whole model, for prediction, from `model_dir` (never from the network).
 
         Args:
-            segmenter: used instead of the R231 U-Net when given.
-            with_segmenter: False to skip the U-Net, for runs that bring their own masks.
-            batch_size: slices per ViT batch (default: 32 on a GPU, 16 on a CPU).
-            precision: "exact" (the published numbers) or "fast" (see stoic_ct.inference.precision).
-            encoder: "vit" (the published model) or "convnext3d" (convnext3d.pth).
-            with_heads: False to load no heads, for feature extraction before fitting them.
+            settings: device, precision, encoder choice and batch size.
+            lung_masks: "r231" (the published U-Net), "given" (each call brings a lung
+                mask; no U-Net is loaded), or a segmenter to use instead of the U-Net.
 
         Raises:
             ModelFileError: when a file is missing or malformed, or the files do not fit together.
         """
-        if encoder not in ENCODER_KINDS:
-            raise StoicError(f"encoder must be one of {', '.join(ENCODER_KINDS)}, not {encoder!r}")
+        return cls._load(model_dir, settings, lung_masks, with_heads=True)
+
+    @classmethod
+    def feature_extractor(
+        cls,
+        model_dir: Path,
+        settings: ModelSettings = EXACT_ON_CPU,
+        *,
+        lung_masks: LungMasks = "r231",
+    ) -> Balaitous:
+        """The model without heads, for extracting features before fitting them (`encode`).
+
+        Raises:
+            ModelFileError: when a file is missing or malformed.
+        """
+        return cls._load(model_dir, settings, lung_masks, with_heads=False)
+
+    @classmethod
+    def _load(
+        cls, model_dir: Path, settings: ModelSettings, lung_masks: LungMasks, with_heads: bool
+    ) -> Balaitous:
+        try:
+            kind = encoder_kind(settings.encoder)
+        except ValueError as error:
+            raise StoicError(str(error)) from None
         files = ModelFiles(model_dir)
         if files.are_random:
             logger.warning(
@@ -211,39 +202,29 @@ class Balaitous:
                 "and mean nothing; see model/README.md for the real files",
                 model_dir,
             )
-        spec = heads_spec(encoder)
-        heads = LogisticHeads.load(files.path(spec)) if with_heads else None
-        encoders: dict[str, Encoder] = {}
-        if encoder == "convnext3d":
-            convnext, input_size = load_convnext3d(files.convnext3d)
-            shared = VolumeEncoder(convnext, device, input_size, precision)
-            encoders = {"full": shared, "lung": shared}
-            sources = {"full": files.convnext3d, "lung": files.convnext3d}
-        else:
-            sources = {"full": files.vit_ct, "lung": files.vit_imagenet}
-            for name, vit_spec, blocks in (
-                ("full", VIT_CT, FULL_ENCODER_BLOCKS),
-                ("lung", VIT_IMAGENET, LUNG_ENCODER_BLOCKS),
-            ):
-                vit = load_vit(sources[name], vit_spec, blocks)
-                encoders[name] = SliceEncoder(
-                    vit, device, batch_size, precision, weights=sources[name]
-                )
-        for name, source in sources.items():
-            if heads is not None and encoders[name].dim != heads.feature_dim:
+        heads = LogisticHeads.load(files.path(kind.heads)) if with_heads else None
+        encoders = load_encoders(kind, files, settings)
+        for name, encoder in (("full", encoders.full), ("lung", encoders.lung)):
+            if heads is not None and encoder.dim != heads.feature_dim:
                 raise ModelFileError(
                     problem(
-                        spec,
-                        f"its heads take {heads.feature_dim} features but {source.name} gives "
-                        f"{encoders[name].dim}: the files do not belong together",
+                        kind.heads,
+                        f"its heads take {heads.feature_dim} features but "
+                        f"{encoders.sources[name].name} gives {encoder.dim}: the files do not "
+                        "belong together",
                     ),
-                    files.path(spec),
+                    files.path(kind.heads),
                 )
-        if segmenter is None and with_segmenter:
-            segmenter = R231Segmenter(files.r231, device, precision=precision)
-        return cls(encoders["full"], encoders["lung"], heads, segmenter)
+        segmenter: LungSegmenter | None
+        if lung_masks == "r231":
+            segmenter = R231Segmenter(files.r231, settings.device, precision=settings.precision)
+        elif lung_masks == "given":
+            segmenter = None
+        else:
+            segmenter = lung_masks
+        return cls(encoders.full, encoders.lung, heads, segmenter)
 
-    def encode(self, volume: Volume, lung_labels: Volume | None = None) -> Encoded:
+    def encode(self, volume: Volume, lung_labels: Volume | None = None) -> EncodedScan:
         """Run the pipeline up to the two encoder features (published steps 2-11).
 
         Args:
@@ -271,7 +252,9 @@ class Balaitous:
         elif self.segmenter is not None:
             labels = self.segmenter(resampled)
         else:
-            raise StoicError("no lung segmenter is loaded and no lung mask was given")
+            raise StoicError(
+                "no lung segmenter is loaded (lung_masks='given') and no lung mask was given"
+            )
         lap("lung mask")
         stack = prepare_slices(resampled, labels)
         lap("crop")
@@ -280,11 +263,11 @@ class Balaitous:
         lap("encoder full")
         features["lung"] = self.lung(mask_outside_lungs(image, stack.mask[..., stack.kept]))
         lap("encoder lung")
-        return Encoded(features, stack, seconds)
+        return EncodedScan(features, stack, seconds)
 
     def predict(
         self, volume: Volume, demographics: Demographics, lung_labels: Volume | None = None
-    ) -> Result:
+    ) -> BalaitousPrediction:
         """Run the whole pipeline on one CT: `encode`, then the heads.
 
         Raises:
@@ -298,4 +281,6 @@ class Balaitous:
             encoded.features, demographics.age_feature, demographics.sex_feature
         )
         seconds = encoded.seconds | {"heads": time.perf_counter() - started}
-        return Result(probabilities, demographics, encoded.features, encoded.slices, seconds)
+        return BalaitousPrediction(
+            probabilities, seconds, demographics, encoded.features, encoded.slices
+        )

@@ -1,4 +1,5 @@
-"""Numeric precision of the networks: "exact" (the published numbers) or "fast".
+"""Where and in what numbers the networks run: the device, and the precision, "exact" (the
+published numbers) or "fast".
 
 exact: float32 everywhere, no TF32 on GPUs. fast: on a GPU, float16 autocast; on a CPU,
 int8: dynamic quantisation of the ViT's Linear layers, and static quantisation of the
@@ -12,9 +13,12 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from stoic_ct.errors import StoicError
 
 PRECISIONS = ("exact", "fast")
 
@@ -24,6 +28,42 @@ def check_precision(name: str) -> str:
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {name!r}")
     return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" (a GPU when there is one), "cpu" or "cuda"."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StoicError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if name not in ("cpu", "cuda"):
+        raise StoicError(f"device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How the networks of a system run.
+
+    Attributes:
+        device: where they run (default: the CPU).
+        precision: "exact" (the published numbers) or "fast".
+        encoder: the frozen encoders under the heads (stoic_ct.weights.model_files.ENCODER_CHOICES).
+        batch_size: slices per ViT batch (default: 32 on a GPU, 16 on a CPU).
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "exact"
+    encoder: str = "vit"
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise StoicError(f"the batch size must be at least 1, not {self.batch_size}")
+
+
+EXACT_ON_CPU = ModelSettings()  # the library's default: the published numbers, on the CPU
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from stoic_ct.inference.pipeline import Result
+from stoic_ct.inference.pipeline import BalaitousPrediction
 from stoic_ct.preprocessing.cropping import PAD_HU
 from stoic_ct.preprocessing.resampling import WORKING_SPACING
 
@@ -44,7 +44,7 @@ def _outlined(hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def render_qc(result: Result, title: str, warnings: Sequence[str] = ()) -> Image.Image:
+def render_qc(result: BalaitousPrediction, title: str, warnings: Sequence[str] = ()) -> Image.Image:
     """The QC picture for one result: axial and coronal views with the text beside them.
 
     `warnings` (what was logged about the scan) are written in red below the facts; long
@@ -113,7 +113,9 @@ def render_qc(result: Result, title: str, warnings: Sequence[str] = ()) -> Image
     return canvas
 
 
-def write_qc(result: Result, title: str, path: Path, warnings: Sequence[str] = ()) -> Path:
+def write_qc(
+    result: BalaitousPrediction, title: str, path: Path, warnings: Sequence[str] = ()
+) -> Path:
     """Render the QC picture and save it as PNG at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     render_qc(result, title, warnings).save(path)

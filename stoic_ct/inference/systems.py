@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-import torch
 
 from stoic_ct.errors import ModelFileError, StoicError
 from stoic_ct.inference.classifier import FoldEnsemble
 from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.inference.precision import EXACT_ON_CPU, ModelSettings
+from stoic_ct.inference.prediction import Prediction, System
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.volume import Volume
 from stoic_ct.models.heads import Probabilities
@@ -37,30 +35,6 @@ logger = logging.getLogger(__name__)
 MEMBERS = ("balaitous", "convnext3d")
 
 
-class Outcome(Protocol):
-    """What a system gives for one scan."""
-
-    @property
-    def probabilities(self) -> Probabilities: ...
-
-    @property
-    def seconds(self) -> dict[str, float]: ...
-
-
-class System(Protocol):
-    """A model that predicts both outputs for one CT."""
-
-    def predict(self, volume: Volume, demographics: Demographics) -> Outcome: ...
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Both probabilities and the wall time per stage (s)."""
-
-    probabilities: Probabilities
-    seconds: dict[str, float]
-
-
 class ConvNeXtSystem:
     """The fine-tuned ConvNeXt: P(COVID-19) and P(severe) from two fold ensembles."""
 
@@ -75,10 +49,12 @@ class ConvNeXtSystem:
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: Path, device: torch.device, precision: str = "exact"
+        cls, model_dir: Path, settings: ModelSettings = EXACT_ON_CPU
     ) -> ConvNeXtSystem:
-        """convnext3d_covid.pth and convnext3d_severe.pth from `model_dir`."""
+        """convnext3d_covid.pth and convnext3d_severe.pth from `model_dir` (settings.encoder
+        and batch_size do not apply)."""
         files = ModelFiles(model_dir)
+        device, precision = settings.device, settings.precision
         return cls(
             FoldEnsemble.load(files.path(CONVNEXT_COVID), CONVNEXT_COVID, device, precision),
             FoldEnsemble.load(files.path(CONVNEXT_SEVERE), CONVNEXT_SEVERE, device, precision),
@@ -151,14 +127,7 @@ class EnsembleSystem:
         return Prediction(Probabilities(covid=covid, severe=severe), seconds)
 
 
-def load_system(
-    kind: str,
-    model_dir: Path,
-    device: torch.device,
-    *,
-    precision: str = "exact",
-    encoder: str = "vit",
-) -> System:
+def load_system(kind: str, model_dir: Path, settings: ModelSettings = EXACT_ON_CPU) -> System:
     """The system `kind` (MODEL_KINDS) with its files from `model_dir`.
 
     Raises:
@@ -167,19 +136,13 @@ def load_system(
     if kind not in MODEL_KINDS:
         raise StoicError(f"model must be one of {', '.join(MODEL_KINDS)}, not {kind!r}")
     if kind == "balaitous":
-        return Balaitous.from_model_dir(model_dir, device, precision=precision, encoder=encoder)
+        return Balaitous.from_model_dir(model_dir, settings)
     if kind == "convnext3d":
-        return ConvNeXtSystem.from_model_dir(model_dir, device, precision)
+        return ConvNeXtSystem.from_model_dir(model_dir, settings)
     weights = read_ensemble_weights(model_dir / ENSEMBLE_WEIGHTS.name)
-    logger.info(
-        "ensemble weights: covid %s; severe %s",
-        weights["covid"],
-        weights["severe"],
-    )
+    logger.info("ensemble weights: covid %s; severe %s", weights["covid"], weights["severe"])
     members: dict[str, System] = {
-        "balaitous": Balaitous.from_model_dir(
-            model_dir, device, precision=precision, encoder=encoder
-        ),
-        "convnext3d": ConvNeXtSystem.from_model_dir(model_dir, device, precision),
+        "balaitous": Balaitous.from_model_dir(model_dir, settings),
+        "convnext3d": ConvNeXtSystem.from_model_dir(model_dir, settings),
     }
     return EnsembleSystem(members, weights)

@@ -19,11 +19,10 @@ import torch
 from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
-from stoic_ct.convnext_training.augmentation import AUGMENTATIONS, Compose
+from stoic_ct.convnext_training.augmentation import Compose
 from stoic_ct.errors import InputError, StoicError
 from stoic_ct.io.cohort import STOIC_TASKS, Patient, read_cohort, read_grades, task_rows
 from stoic_ct.io.imageio import read_scan
-from stoic_ct.models.convnext3d import SIZES
 from stoic_ct.preprocessing.convnext_preprocessing import (
     DEFAULT_WINDOW,
     classifier_input,
@@ -112,16 +111,6 @@ def task_patients(data_dir: Path, task: str) -> tuple[list[Patient], np.ndarray]
     if not chosen:
         raise InputError(f"labels no scan of data/mha for the {task} task", reference)
     return chosen, labels
-
-
-def check_network_settings(size: str, input_size: int, augment: str) -> None:
-    """ValueError unless the ConvNeXt size, cube side and augmentation preset are valid."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
-    if input_size < 32 or input_size % 32:
-        raise ValueError(f"input size must be a multiple of 32, not {input_size}")
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {augment!r}")
 
 
 def save_array(path: Path, array: np.ndarray) -> None:

@@ -63,8 +63,8 @@ HEADS = ModelFileSpec(
 )
 ALL_FILES = (VIT_CT, VIT_IMAGENET, R231, HEADS)
 
-# The 3D ConvNeXt encoder (Kienzle et al.), made locally from published 2D weights, and
-# heads fitted on its features. Not part of the published Balaitous model.
+# The frozen 3D ConvNeXt encoder (Kienzle et al.), made locally from published 2D weights,
+# and heads fitted on its features. Not part of the published Balaitous model.
 CONVNEXT3D = ModelFileSpec(
     "convnext3d.pth",
     "a 3D ConvNeXt written by `python -m stoic_ct inflate-convnext` ({'size', 'input_size', "
@@ -76,13 +76,56 @@ CONVNEXT3D = ModelFileSpec(
 CONVNEXT_HEADS = ModelFileSpec(
     "convnext3d_heads.npz",
     "logistic regressions on 3D ConvNeXt features (the keys of balaitous.npz)",
-    "made locally with `python -m stoic_ct fit-heads` on features of --encoder convnext3d",
+    "made locally with `python -m stoic_ct fit-heads` on features of --encoder convnext3d-frozen",
     "yours",
 )
-ENCODER_KINDS = ("vit", "convnext3d")
 
-# The fine-tuned 3D ConvNeXt classifiers (`finetune`): each holds every fold's EMA weights,
-# and `process.py --model convnext3d` averages the folds' softmax outputs.
+
+@dataclass(frozen=True)
+class EncoderKind:
+    """A choice of frozen encoders under the logistic heads, and the files that go with it.
+
+    Attributes:
+        name: the value of --encoder.
+        full, lung: the files of the "full" and "lung" encoders (the same file when one
+            network sees both inputs).
+        heads: the heads fitted on these encoders' features.
+        report: the fit report written beside the heads.
+    """
+
+    name: str
+    full: ModelFileSpec
+    lung: ModelFileSpec
+    heads: ModelFileSpec
+    report: str
+
+    @property
+    def files(self) -> tuple[ModelFileSpec, ...]:
+        """The encoder files, each once."""
+        return (self.full,) if self.full == self.lung else (self.full, self.lung)
+
+
+VIT_ENCODERS = EncoderKind("vit", VIT_CT, VIT_IMAGENET, HEADS, "heads.json")
+FROZEN_CONVNEXT3D = EncoderKind(
+    "convnext3d-frozen", CONVNEXT3D, CONVNEXT3D, CONVNEXT_HEADS, "convnext3d_heads.json"
+)
+ENCODER_CHOICES = {kind.name: kind for kind in (VIT_ENCODERS, FROZEN_CONVNEXT3D)}
+ENCODER_KINDS = tuple(ENCODER_CHOICES)
+# Old names, still read (in flags and in the provenance of feature tables and reports).
+ENCODER_ALIASES = {"convnext3d": FROZEN_CONVNEXT3D.name}
+
+
+def encoder_kind(name: str) -> EncoderKind:
+    """The EncoderKind called `name` (or an old alias of it); ValueError otherwise."""
+    kind = ENCODER_CHOICES.get(ENCODER_ALIASES.get(name, name))
+    if kind is None:
+        raise ValueError(f"encoder must be one of {', '.join(ENCODER_KINDS)}, not {name!r}")
+    return kind
+
+
+# The fine-tuned 3D ConvNeXt classifiers (`finetune`), the system `--model convnext3d`: each
+# holds every fold's EMA weights, and `process.py --model convnext3d` averages the folds'
+# softmax outputs.
 CONVNEXT_COVID = ModelFileSpec(
     "convnext3d_covid.pth",
     "the fold ensemble of a 3D ConvNeXt fine-tuned for COVID-19 (written by `finetune --task "
@@ -104,11 +147,6 @@ ENSEMBLE_WEIGHTS = ModelFileSpec(
     "yours",
 )
 MODEL_KINDS = ("balaitous", "convnext3d", "ensemble")
-
-
-def heads_spec(encoder: str) -> ModelFileSpec:
-    """The heads file that goes with the encoder kind: balaitous.npz for the ViTs."""
-    return CONVNEXT_HEADS if encoder == "convnext3d" else HEADS
 
 
 def default_model_dir(

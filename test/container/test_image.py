@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from bench.published import published_heads_path
 from helpers import SMALL_PHANTOM, THIN_PHANTOM, write_case
@@ -254,7 +253,7 @@ def test_inputs_json(image: str, tiny_model: Path, tmp_path: Path) -> None:
     assert "sex F (" in done.stdout
 
     scan = read_scan(scan_dir / "scan.mha")
-    model = Balaitous.from_model_dir(tiny_model, torch.device("cpu"))
+    model = Balaitous.from_model_dir(tiny_model)
     expected = model.predict(
         scan.volume, resolve_demographics([("json", 58)], [("json", "F")])
     ).probabilities

@@ -17,7 +17,7 @@ from stoic_ct.head_training.features import (
     labelled,
     merge_tables,
 )
-from stoic_ct.inference.pipeline import Balaitous, Encoded
+from stoic_ct.inference.pipeline import Balaitous, EncodedScan
 from stoic_ct.io.cohort import read_cohort
 from stoic_ct.io.volume import Volume
 from stoic_ct.phantom import PhantomSpec, make_phantom, write_phantom
@@ -29,7 +29,7 @@ class Interrupting:
     def __init__(self, model: Balaitous, after: int = 10**6) -> None:
         self.model, self.after, self.calls = model, after, 0
 
-    def encode(self, volume: Volume, lung_labels: Volume | None = None) -> Encoded:
+    def encode(self, volume: Volume, lung_labels: Volume | None = None) -> EncodedScan:
         if self.calls == self.after:
             raise KeyboardInterrupt
         self.calls += 1

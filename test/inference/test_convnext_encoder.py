@@ -77,7 +77,10 @@ def test_convnext_features_heads_and_process_py(
     phantom_cohort: Path, cohort_masks: Path, convnext_model_dir: Path, tmp_path: Path
 ) -> None:
     features = tmp_path / "convnext.npz"
-    common = ["--model-dir", str(convnext_model_dir), "--device", "cpu", "--encoder", "convnext3d"]
+    common = [
+        *("--model-dir", str(convnext_model_dir), "--device", "cpu"),
+        *("--encoder", "convnext3d-frozen"),
+    ]
     status = cli(
         [
             "extract-features",
@@ -91,7 +94,8 @@ def test_convnext_features_heads_and_process_py(
     )
     assert status == 0
     table = FeatureTable.load(features)
-    assert table.feature_full.shape == (48, 256) and table.provenance["encoder"] == "convnext3d"
+    assert table.feature_full.shape == (48, 256)
+    assert table.provenance["encoder"] == "convnext3d-frozen"
     assert set(table.provenance["model_files"]) == {"convnext3d.pth"}
 
     assert (
@@ -100,7 +104,13 @@ def test_convnext_features_heads_and_process_py(
     )
     assert (convnext_model_dir / "convnext3d_heads.npz").exists()
     report = json.loads((convnext_model_dir / "convnext3d_heads.json").read_text())
-    assert report["data"]["encoder"] == "convnext3d"
+    assert report["data"]["encoder"] == "convnext3d-frozen"
     assert not (convnext_model_dir / "heads.json").exists()  # the ViT heads' report untouched
 
-    assert_process_py_uses(convnext_model_dir, tmp_path, encoder="convnext3d")
+    assert "deprecated" not in assert_process_py_uses(
+        convnext_model_dir, tmp_path / "new", encoder="convnext3d-frozen"
+    )
+    # The old name still works for one release, with a notice that names the new one.
+    stderr = assert_process_py_uses(convnext_model_dir, tmp_path / "old", encoder="convnext3d")
+    assert "--encoder convnext3d is deprecated" in stderr
+    assert "--encoder convnext3d-frozen" in stderr

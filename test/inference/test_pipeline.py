@@ -133,7 +133,7 @@ def test_readable_scans_never_crash(tiny_model: Balaitous, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["one thick slice", "all air", "noise"])
 def test_readable_scans_never_crash_the_r231_unet(tiny_model_dir: Path, name: str) -> None:
-    model = Balaitous.from_model_dir(tiny_model_dir, CPU)
+    model = Balaitous.from_model_dir(tiny_model_dir)
     p = model.predict(ODD_SCANS[name], Demographics()).probabilities
     assert 0 <= p.covid <= 1 and 0 <= p.severe <= 1
 
@@ -157,7 +157,7 @@ def test_missing_model_file(tmp_path: Path) -> None:
     write_random_model_dir(tmp_path, TINY_VIT)
     (tmp_path / "vitl_16_pt22k.pth").unlink()
     with pytest.raises(ModelFileError) as error:
-        Balaitous.from_model_dir(tmp_path, CPU, segmenter=threshold_lungs)
+        Balaitous.from_model_dir(tmp_path, lung_masks=threshold_lungs)
     message = str(error.value)
     assert message.startswith(str(tmp_path / "vitl_16_pt22k.pth") + ": is missing")
     assert "https://zenodo.org/record/6547999/files/vitl_16_pt22k.pth" in message
@@ -168,12 +168,12 @@ def test_encoder_and_heads_that_do_not_fit(tmp_path: Path) -> None:
     other = ViTConfig(embed_dim=128, depth=24, num_heads=2, mlp_hidden=128)
     torch.save({"state_dict": random_vit_state_dict(other)}, tmp_path / VIT_IMAGENET.name)
     with pytest.raises(ModelFileError, match="take 64 features but vitl_16_pt22k.pth gives 128"):
-        Balaitous.from_model_dir(tmp_path, CPU, segmenter=threshold_lungs)
+        Balaitous.from_model_dir(tmp_path, lung_masks=threshold_lungs)
 
 
 def test_random_weights_are_announced(
     tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        Balaitous.from_model_dir(tiny_model_dir, CPU, segmenter=threshold_lungs)
+        Balaitous.from_model_dir(tiny_model_dir, lung_masks=threshold_lungs)
     assert "RANDOMLY INITIALISED" in caplog.text

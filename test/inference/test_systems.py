@@ -72,7 +72,7 @@ def test_process_py_runs_the_convnext_and_the_ensemble(
     status, convnext = _run(model_dir, tmp_path / "c", "convnext3d")
     assert status == 0
     volume = read_scan(next((tmp_path / "c" / "input" / "images" / "ct").iterdir())).volume
-    direct = ConvNeXtSystem.from_model_dir(model_dir, CPU).predict(volume, Demographics())
+    direct = ConvNeXtSystem.from_model_dir(model_dir).predict(volume, Demographics())
     assert convnext["probability-covid-19.json"] == pytest.approx(direct.probabilities.covid)
     assert convnext["probability-severe-covid-19.json"] == pytest.approx(
         direct.probabilities.severe

@@ -118,7 +118,7 @@ def test_full_download(
     assert oct((tmp_path / MANIFEST).stat().st_mode & 0o777) == "0o644"
     assert all(rng is None for _, rng in server.requests)
     # What was fetched is a working model directory.
-    Balaitous.from_model_dir(tmp_path, CPU, segmenter=threshold_lungs)
+    Balaitous.from_model_dir(tmp_path, lung_masks=threshold_lungs)
 
 
 def test_present_files_are_not_fetched_again(

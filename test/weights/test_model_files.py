@@ -17,6 +17,7 @@ from stoic_ct.weights.model_files import (
     REPOSITORY_MODEL_DIR,
     ModelFiles,
     default_model_dir,
+    encoder_kind,
     read_manifest,
     sha256_of,
     write_manifest,
@@ -106,3 +107,17 @@ def test_malformed_manifest(tmp_path: Path) -> None:
     (tmp_path / MANIFEST).write_text("not a digest  vitl_16_ct.pth\n")
     with pytest.raises(ModelFileError, match="MANIFEST: line 1 is not"):
         read_manifest(tmp_path)
+
+
+def test_each_encoder_choice_names_its_files_once() -> None:
+    vit, convnext = encoder_kind("vit"), encoder_kind("convnext3d-frozen")
+    assert [spec.name for spec in vit.files] == ["vitl_16_ct.pth", "vitl_16_pt22k.pth"]
+    assert (vit.heads.name, vit.report) == ("balaitous.npz", "heads.json")
+    assert [spec.name for spec in convnext.files] == ["convnext3d.pth"]
+    assert (convnext.heads.name, convnext.report) == (
+        "convnext3d_heads.npz",
+        "convnext3d_heads.json",
+    )
+    assert encoder_kind("convnext3d") == convnext  # the old name, as stored in old tables
+    with pytest.raises(ValueError, match="vit, convnext3d-frozen"):
+        encoder_kind("resnet")
