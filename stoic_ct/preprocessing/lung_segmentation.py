@@ -102,8 +102,9 @@ class R231Segmenter:
             )
         slices = np.asarray([c[0] for c in cropped])
         boxes = [c[1] for c in cropped]
-        slices[slices > 600] = 600
-        slices = np.divide(slices + 1024, 1624)
+        low, high = LUNGMASK_WINDOW
+        slices[slices > high] = high
+        slices = np.divide(slices - low, high - low)
         labels = self._classify(slices)
         labels = utils.postprocessing(labels, disable_tqdm=True)
         with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
