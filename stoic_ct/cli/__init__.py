@@ -3,7 +3,8 @@
 One module per command group, each registering its parsers with their handlers:
 `predict`, `files` (fetch-weights, sample-scans, random-weights), `phantoms` (phantom,
 phantom-cohort), `heads` (extract-features, merge-features, fit-heads, install-heads,
-evaluate) and `convnext` (inflate-convnext, finetune, pretrain).
+evaluate), `convnext` (inflate-convnext, finetune, pretrain) and `ensemble`
+(fit-ensemble).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from stoic_ct.cli import convnext, files, heads, phantoms, predict
+from stoic_ct.cli import convnext, ensemble, files, heads, phantoms, predict
 from stoic_ct.errors import StoicError
 from stoic_ct.logs import configure_logging
 
@@ -33,6 +34,7 @@ DESCRIPTION = """Commands:
     inflate-convnext  make convnext3d.pth from 2D ConvNeXt weights (--encoder convnext3d-frozen)
     finetune        fine-tune the 3D ConvNeXt end to end, k folds: convnext3d_<task>.pth
     pretrain        pretrain the 3D ConvNeXt: lesion segmentation, or multitask with pseudo-labels
+    fit-ensemble    weights of the ensemble of both systems from out-of-fold predictions
 """
 
 
@@ -44,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (predict, files, phantoms, heads, convnext):
+    for group in (predict, files, phantoms, heads, convnext, ensemble):
         group.register(commands)
     return parser
 

@@ -107,7 +107,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "their weighted average with 95%% bootstrap intervals. With --predictions and "
         "--reference: the ROC-AUC of given predictions. Severity is scored among "
         "COVID-positive patients only. Writes report.json, report.md, roc.png and "
-        "calibration.png to --out.",
+        "calibration.png to --out, and with FEATURES oof.csv (each patient's out-of-fold "
+        "probabilities, for fit-ensemble).",
     )
     evaluate.add_argument("features", type=Path, nargs="?", metavar="FEATURES")
     evaluate.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
@@ -238,6 +239,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         protocol,
         report,
         score_predictions,
+        write_oof,
     )
     from stoic_ct.head_training.features import FeatureTable
 
@@ -267,6 +269,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             | protocol(settings, args.folds, args.repeats),
         }
     document = report(results, about, args.out, seed=settings.seed)
+    if args.features is not None:
+        write_oof(results, args.out / "oof.csv")
     for task, entry in document["tasks"].items():
         for head, score in entry["heads"].items():
             low, high = score["ci95"]

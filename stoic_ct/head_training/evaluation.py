@@ -38,7 +38,13 @@ HEAD_LABELS = {
     "lung": "lung encoder",
     "combined": "weighted average",
     "given": "predictions",
+    "balaitous": "Balaïtous",
+    "convnext3d": "fine-tuned 3D ConvNeXt",
+    "ensemble": "ensemble (nested)",
 }
+# The prediction whose calibration a report shows: the heads' combination, the ensemble,
+# or the given predictions.
+MAIN_PREDICTIONS = ("combined", "ensemble", "given")
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,22 @@ def cross_validate(
     return results
 
 
+def write_oof(results: dict[str, TaskResult], path: Path) -> Path:
+    """PatientID,probCOVID,probSevere: each patient's out-of-fold probability of the heads'
+    weighted average (mean over repetitions), blank for a task the patient is not scored
+    on; what `fit-ensemble` takes as Balaïtous's predictions."""
+    values: dict[str, dict[str, float]] = {}
+    for task, result in results.items():
+        for patient, p in zip(result.patient_id, result.mean_prediction("combined"), strict=True):
+            values.setdefault(str(patient), {})[task] = float(p)
+    lines = ["PatientID,probCOVID,probSevere"]
+    for patient in sorted(values):
+        cells = [f"{values[patient][t]:.6f}" if t in values[patient] else "" for t in STOIC_TASKS]
+        lines.append(",".join([patient, *cells]))
+    text = "\n".join(lines) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def protocol(settings: FitSettings, folds: int, repeats: int) -> dict[str, Any]:
     """How `cross_validate` estimated the scores, for the report."""
     return {
@@ -275,7 +297,7 @@ def report(
                 "auc_per_repeat": repeats,
                 "auc_sd_over_repeats": float(np.std(repeats)) if len(repeats) > 1 else None,
             }
-        main = "combined" if "combined" in result.predictions else "given"
+        main = _main_prediction(result)
         tasks[task] = {
             "patients": len(result.y),
             "positives": int(result.y.sum()),
@@ -290,6 +312,10 @@ def report(
     atomic_write(out_dir / "report.md", lambda f: f.write(markdown.encode()))
     _plots(results, out_dir)
     return document
+
+
+def _main_prediction(result: TaskResult) -> str:
+    return next(name for name in MAIN_PREDICTIONS if name in result.predictions)
 
 
 def _markdown(document: dict[str, Any]) -> str:
@@ -323,7 +349,7 @@ def _plots(results: dict[str, TaskResult], out_dir: Path) -> None:
             fpr, tpr, _ = roc_curve(result.y, result.mean_prediction(head))
             curves.append(Series(HEAD_LABELS[head], fpr, tpr))
         roc.append(Panel(TASK_TITLES[task], "false positive rate", "true positive rate", curves))
-        main = "combined" if "combined" in result.predictions else "given"
+        main = _main_prediction(result)
         bins = calibration(result.y, result.mean_prediction(main))
         calibrated.append(
             Panel(
