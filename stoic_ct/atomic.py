@@ -30,3 +30,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int = RE
         Path(staging).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """`atomic_write` of UTF-8 text."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stoic_ct.errors import StoicError
 from stoic_ct.models.convnext3d import SIZES as CONVNEXT_SIZES
 from stoic_ct.models.inflation import INFLATIONS, NORMALISATIONS
+
+if TYPE_CHECKING:
+    from stoic_ct.convnext_training.trainer import NetworkSettings
 
 logger = logging.getLogger("stoic_ct")
 
@@ -58,9 +62,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="no checkpoint: a randomly initialised 3D ConvNeXt (for tests and setup checks)",
     )
     inflate.set_defaults(handler=run_inflate_convnext)
-    from stoic_ct.convnext_training.augmentation import AUGMENTATIONS
-    from stoic_ct.convnext_training.finetuning import FinetuneSettings
     from stoic_ct.convnext_training.pretraining import MODES, PretrainSettings
+    from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
+    from stoic_ct.inference.classifier import HEADS
     from stoic_ct.preprocessing.cubes import FINETUNE_TASKS
 
     finetune = commands.add_parser(
@@ -73,21 +77,47 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "GPU. Writes OUT/fold-K/ (checkpoints, metrics.csv, learning-curves.png), "
         "OUT/oof.csv, OUT/finetune.json and OUT/convnext3d_<task>.pth, the fold ensemble "
         "that process.py --model convnext3d reads from the model folder. Start from "
-        "--init: inflate-convnext's ImageNet weights or pretrain's pretrained.pth.",
+        "--init: inflate-convnext's ImageNet weights or pretrain's pretrained.pth. "
+        "--preset stoic2021-winner sets the STOIC2021 severity winner's recipe; any option "
+        "given beside it overrides the preset's value. Every value used is logged and "
+        "saved in OUT/settings.json.",
     )
     defaults = FinetuneSettings()
     finetune.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     finetune.add_argument("--out", type=Path, required=True, help="run folder")
     finetune.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="stoic2021-winner: severity, tiny, 256^3 cubes, sigmoid head with age and sex, "
+        "AdamW 5e-5, weight decay 1e-8, cosine to 1e-6 over 20 epochs, no drop path",
+    )
+    finetune.add_argument(
         "--task",
         choices=FINETUNE_TASKS,
-        default=defaults.task,
+        default=argparse.SUPPRESS,
         help="covid (every labelled patient), severe (COVID-positive patients, the STOIC "
-        "rule), severity4 (the `severity` column, grades 1-4 of COV19-CT-DB)",
+        f"rule), severity4 (the `severity` column, grades 1-4 of COV19-CT-DB); default "
+        f"{defaults.task}",
     )
-    finetune.add_argument("--folds", type=int, default=defaults.folds, help="default 5")
-    finetune.add_argument("--epochs", type=int, default=defaults.epochs, help="default 30")
-    _convnext_training_arguments(finetune, defaults.batch_size, defaults.lr, AUGMENTATIONS)
+    finetune.add_argument(
+        "--folds", type=int, default=argparse.SUPPRESS, help=f"default {defaults.folds}"
+    )
+    finetune.add_argument(
+        "--head",
+        choices=HEADS,
+        default=argparse.SUPPRESS,
+        help="softmax: one logit per class, cross-entropy (default); sigmoid: one logit, "
+        "binary cross-entropy (binary tasks)",
+    )
+    finetune.add_argument(
+        "--metadata",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="append age and sex (from each scan's header; age/100 clipped, sex 1/0/0.5) "
+        "to the pooled features before the head (default: no)",
+    )
+    _convnext_training_arguments(finetune, defaults)
     finetune.add_argument(
         "--resume", action="store_true", help="continue the run in --out where it stopped"
     )
@@ -104,8 +134,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     pre = PretrainSettings()
     pretrain.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     pretrain.add_argument("--out", type=Path, required=True, help="run folder")
-    pretrain.add_argument("--mode", choices=MODES, default=pre.mode, help="default segmentation")
-    pretrain.add_argument("--epochs", type=int, default=pre.epochs, help="default 30")
+    pretrain.add_argument(
+        "--mode", choices=MODES, default=argparse.SUPPRESS, help=f"default {pre.mode}"
+    )
     pretrain.add_argument(
         "--resume",
         action="store_true",
@@ -119,39 +150,81 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="multitask: the pretrained.pth of a segmentation run, to make the lesion "
         "masks with (default: the masks in DATA_DIR/data/lesions)",
     )
-    _convnext_training_arguments(pretrain, pre.batch_size, pre.lr, AUGMENTATIONS)
+    _convnext_training_arguments(pretrain, pre)
     finetune.set_defaults(handler=run_finetune)
     pretrain.set_defaults(handler=run_pretrain)
 
 
+# Options that set a NetworkSettings field, when it is named otherwise.
+FIELD_OF_OPTION = {"ema": "ema_decay"}
+
+
 def _convnext_training_arguments(
-    parser: argparse.ArgumentParser, batch_size: int, lr: float, augmentations: Sequence[str]
+    parser: argparse.ArgumentParser, defaults: NetworkSettings
 ) -> None:
+    """The NetworkSettings options, each absent from the parsed arguments unless given (so
+    that a preset's value stands unless the option overrides it)."""
+    from stoic_ct.convnext_training.augmentation import AUGMENTATIONS
+    from stoic_ct.convnext_training.trainer import SCHEDULES
+
+    given = argparse.SUPPRESS
     parser.add_argument(
         "--init",
         type=Path,
-        default=None,
+        default=given,
         metavar="CONVNEXT3D",
         help="encoder to start from (inflate-convnext's file or pretrain's pretrained.pth); "
         "default: random initialisation",
     )
     parser.add_argument(
-        "--size", choices=tuple(CONVNEXT_SIZES), default="tiny", help="default tiny"
+        "--size", choices=tuple(CONVNEXT_SIZES), default=given, help=f"default {defaults.size}"
     )
-    parser.add_argument("--input-size", type=int, default=224, help="cube side (default 224)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
-    parser.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate ({lr:g})")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="default 0.05")
-    parser.add_argument("--ema", type=float, default=0.99, help="EMA decay (default 0.99)")
-    parser.add_argument("--drop-path", type=float, default=0.1, help="default 0.1")
+    parser.add_argument(
+        "--input-size", type=int, default=given, help=f"cube side (default {defaults.input_size})"
+    )
+    parser.add_argument("--epochs", type=int, default=given, help=f"default {defaults.epochs}")
+    parser.add_argument(
+        "--batch-size", type=int, default=given, help=f"default {defaults.batch_size}"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=given, help=f"AdamW learning rate ({defaults.lr:g})"
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=given, help=f"default {defaults.weight_decay:g}"
+    )
+    parser.add_argument(
+        "--ema", type=float, default=given, help=f"EMA decay (default {defaults.ema_decay:g})"
+    )
+    parser.add_argument(
+        "--drop-path", type=float, default=given, help=f"default {defaults.drop_path:g}"
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=given,
+        help="constant: --lr throughout (default); cosine: from --lr at the first epoch to "
+        "--lr-floor at epoch --schedule-end, set per epoch, then the floor",
+    )
+    parser.add_argument(
+        "--lr-floor", type=float, default=given, help=f"default {defaults.lr_floor:g}"
+    )
+    parser.add_argument(
+        "--schedule-end",
+        type=int,
+        default=given,
+        metavar="EPOCH",
+        help="the epoch the cosine reaches the floor at (default: the last)",
+    )
     parser.add_argument(
         "--augment",
-        choices=augmentations,
-        default="paper",
+        choices=AUGMENTATIONS,
+        default=given,
         help="paper: Kienzle et al.'s (default); orientation: flips and 90-degree turns "
         "only (small cohorts); none",
     )
-    parser.add_argument("--seed", type=int, default=0, help="folds, order, augmentation")
+    parser.add_argument(
+        "--seed", type=int, default=given, help="folds, order, augmentation (default 0)"
+    )
     parser.add_argument(
         "--cache", type=Path, default=None, help="cube cache folder (default OUT/cubes)"
     )
@@ -193,43 +266,46 @@ def run_inflate_convnext(args: argparse.Namespace) -> int:
     return 0
 
 
-def _network_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings finetune and pretrain share, from `_convnext_training_arguments`."""
-    return {
-        "size": args.size,
-        "input_size": args.input_size,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "ema_decay": args.ema,
-        "drop_path": args.drop_path,
-        "augment": args.augment,
-        "seed": args.seed,
-        "init": None if args.init is None else str(args.init.resolve()),
-    }
+def given_settings(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:
+    """The settings among `fields` that the command line gives (options absent otherwise)."""
+    given = {}
+    for option, value in vars(args).items():
+        field = FIELD_OF_OPTION.get(option, option)
+        if field in fields:
+            given[field] = str(value.resolve()) if isinstance(value, Path) else value
+    return given
+
+
+def log_settings(settings: Any, preset: dict[str, Any], given: dict[str, Any], name: str) -> None:
+    """One line per value, with where it comes from: the command line, the preset, or
+    the default."""
+    for field, value in asdict(settings).items():
+        origin = "option" if field in given else f"preset {name}" if field in preset else "default"
+        logger.info("setting %-14s %-12s (%s)", field, value, origin)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     """The `finetune` command."""
-    from stoic_ct.convnext_training.finetuning import FinetuneSettings
     from stoic_ct.convnext_training.finetuning import finetune as run
+    from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
     from stoic_ct.inference.precision import resolve_device
     from stoic_ct.preprocessing.cubes import task_patients
 
-    if args.init is not None and not args.init.exists():
-        raise StoicError("is missing (--init)", args.init)
+    given = given_settings(args, [f.name for f in fields(FinetuneSettings)])
+    if "init" in given and not Path(given["init"]).exists():
+        raise StoicError("is missing (--init)", Path(given["init"]))
+    preset = PRESETS.get(args.preset, {}) if args.preset else {}
     try:
-        settings = FinetuneSettings(
-            task=args.task, folds=args.folds, epochs=args.epochs, **_network_settings(args)
-        )
+        settings = FinetuneSettings(**(preset | given))
     except ValueError as error:
         raise StoicError(str(error)) from None
-    if args.init is None:
+    log_settings(settings, preset, given, args.preset)
+    if settings.init is None:
         logger.warning("no --init: the ConvNeXt starts from random weights")
-    patients, labels = task_patients(args.data_dir, args.task)
+    patients, labels = task_patients(args.data_dir, settings.task)
     logger.info(
         "%s task: %d patients (%s) from %s",
-        args.task,
+        settings.task,
         len(patients),
         " / ".join(str(int((labels == c).sum())) for c in range(int(labels.max()) + 1)),
         args.data_dir,
@@ -243,7 +319,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
         resume=args.resume,
     )
-    print(f"{args.task}: out-of-fold metric {result.metric:.4f}; wrote {result.ensemble}")
+    print(f"{settings.task}: out-of-fold metric {result.metric:.4f}; wrote {result.ensemble}")
     return 0
 
 
@@ -255,22 +331,17 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from stoic_ct.io.cohort import read_cohort
     from stoic_ct.preprocessing.cubes import LESION_DIR, task_patients
 
-    for path in (args.init, args.pseudo_labels_from):
-        if path is not None and not path.exists():
-            raise StoicError("is missing", path)
+    given = given_settings(args, [f.name for f in fields(PretrainSettings)])
+    for path in (given.get("init"), given.get("pseudo_labels_from")):
+        if path is not None and not Path(path).exists():
+            raise StoicError("is missing", Path(path))
     try:
-        settings = PretrainSettings(
-            mode=args.mode,
-            epochs=args.epochs,
-            **_network_settings(args),
-            pseudo_labels_from=None
-            if args.pseudo_labels_from is None
-            else str(args.pseudo_labels_from.resolve()),
-        )
+        settings = PretrainSettings(**given)
     except ValueError as error:
         raise StoicError(str(error)) from None
+    log_settings(settings, {}, given, "")
     lesions = args.data_dir / LESION_DIR
-    if args.mode == "multitask":
+    if settings.mode == "multitask":
         patients, labels = task_patients(args.data_dir, "covid")
     else:
         patients, labels = read_cohort(args.data_dir), None

@@ -39,55 +39,28 @@ from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write
 from stoic_ct.convnext_training.augmentation import augmentation
+from stoic_ct.convnext_training.recipes import FinetuneSettings, class_names
 from stoic_ct.convnext_training.trainer import (
     BEST,
     Evaluation,
-    NetworkSettings,
     Trainer,
     fit,
     seed_of,
     start_run,
 )
 from stoic_ct.errors import InputError
-from stoic_ct.inference.classifier import save_fold_ensemble
-from stoic_ct.io.cohort import GRADES, Patient
+from stoic_ct.inference.classifier import head_probabilities, save_fold_ensemble
+from stoic_ct.io.cohort import Patient
 from stoic_ct.models.convnext3d import ConvNeXt3D, load_encoder_of_size
 from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
 from stoic_ct.preprocessing.cubes import (
-    FINETUNE_TASKS,
     Cube,
     cached_cubes,
     load_batch,
+    metadata_batch,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def class_names(task: str) -> tuple[str, ...]:
-    """The classes of a task's softmax, in output order."""
-    if task == "severity4":
-        return GRADES
-    return ("negative", "positive") if task == "covid" else ("not severe", "severe")
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinetuneSettings(NetworkSettings):
-    """Everything that decides a fine-tuning run (written to OUT/settings.json): the
-    network settings, the task and the folds.
-
-    Defaults are the paper's where it gives them (lr 5e-5, batch 4, EMA 0.99, 5 folds,
-    224^3 inputs); epochs, weight decay and drop path are ours.
-    """
-
-    task: str = "covid"
-    folds: int = 5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.task not in FINETUNE_TASKS:
-            raise ValueError(f"task must be one of {', '.join(FINETUNE_TASKS)}, not {self.task!r}")
-        if self.folds < 2:
-            raise ValueError("folds must be >= 2")
 
 
 @dataclass(frozen=True)
@@ -115,13 +88,19 @@ def task_metric(task: str, labels: np.ndarray, probabilities: np.ndarray) -> flo
     return float(roc_auc_score(labels, probabilities[:, 1]))
 
 
-def build_classifier(settings: FinetuneSettings, classes: int, init: Path | None) -> ConvNeXt3D:
-    """A ConvNeXt3D with a fresh class head, its encoder from `init` when given.
+def build_classifier(settings: FinetuneSettings, init: Path | None) -> ConvNeXt3D:
+    """A ConvNeXt3D with a fresh class head (and metadata inputs when asked), its encoder
+    from `init` when given.
 
     Raises:
         ModelFileError: when `init` cannot be loaded; InputError when its size differs.
     """
-    model = ConvNeXt3D(settings.size, num_classes=classes, drop_path_rate=settings.drop_path)
+    model = ConvNeXt3D(
+        settings.size,
+        num_classes=settings.outputs,
+        drop_path_rate=settings.drop_path,
+        metadata_dim=len(settings.metadata_names),
+    )
     if init is None:
         return model
     encoder = load_encoder_of_size(init, settings.size)
@@ -148,15 +127,32 @@ def predict_cubes(
     device: torch.device,
     batch_size: int,
     autocast: torch.autocast,
+    with_metadata: bool = False,
 ) -> torch.Tensor:
-    """(N, C) float32 logits of the cubes, no augmentation, under `autocast`."""
+    """(N, outputs) float32 logits of the cubes, no augmentation, under `autocast`."""
     model.eval()
     outputs = []
     for start in range(0, len(cubes), batch_size):
-        images, _ = load_batch(cubes, range(start, min(start + batch_size, len(cubes))), device)
+        batch = range(start, min(start + batch_size, len(cubes)))
+        images, _ = load_batch(cubes, batch, device)
+        metadata = metadata_batch(cubes, batch, device) if with_metadata else None
         with autocast:
-            outputs.append(model(images).float())
+            outputs.append(model(images, metadata).float())
     return torch.cat(outputs).cpu()
+
+
+def weighted_loss(
+    logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor, head: str
+) -> torch.Tensor:
+    """Cross-entropy weighted by class: softmax over C logits, or the binary cross-entropy
+    of one logit (sigmoid); both the weighted mean sum(w_i l_i) / sum(w_i)."""
+    if head == "softmax":
+        return F.cross_entropy(logits, target, class_weight)
+    weight = class_weight[target]
+    each = F.binary_cross_entropy_with_logits(
+        logits[:, 0], target.to(logits.dtype), reduction="none"
+    )
+    return (weight * each).sum() / weight.sum()
 
 
 def train_fold(
@@ -174,12 +170,7 @@ def train_fold(
     classes = len(class_names(settings.task))
     torch.manual_seed(seed_of(settings.seed, fold))  # the head's initial weights
     init = Path(settings.init) if settings.init else None
-    model = build_classifier(settings, classes, init)
-    trainer = Trainer(
-        model,
-        device,
-        settings.optimiser,
-    )
+    trainer = Trainer(build_classifier(settings, init), device, settings.optimiser)
     weights = compute_class_weight("balanced", classes=np.arange(classes), y=labels[train]).astype(
         np.float32
     )
@@ -189,6 +180,7 @@ def train_fold(
     valid_cubes = [cubes[i] for i in valid]
     train_labels = torch.from_numpy(labels[train]).to(device)
     valid_labels = torch.from_numpy(labels[valid])
+    with_metadata = bool(settings.metadata_names)
     title = f"fold {fold + 1}/{settings.folds}"
     logger.info(
         "%s: %d training, %d validation patients; class weights %s",
@@ -198,12 +190,16 @@ def train_fold(
         ", ".join(f"{w:.3g}" for w in weights),
     )
 
-    def weighted_cross_entropy(
-        net: torch.nn.Module, images: torch.Tensor, target: torch.Tensor
+    def loss(
+        net: torch.nn.Module,
+        images: torch.Tensor,
+        metadata: torch.Tensor | None,
+        target: torch.Tensor,
     ) -> torch.Tensor:
-        return F.cross_entropy(net(images).float(), target, class_weight)
+        return weighted_loss(net(images, metadata).float(), target, class_weight, settings.head)
 
     def train_epoch(epoch: int) -> float:
+        trainer.set_learning_rate(settings.learning_rate(epoch))
         torch.manual_seed(seed_of(settings.seed, fold, epoch, 1))  # drop path
         order = torch.randperm(
             len(train), generator=torch.Generator().manual_seed(seed_of(settings.seed, fold, epoch))
@@ -222,16 +218,18 @@ def train_fold(
         for batch in bar:
             seeds = [seed_of(settings.seed, fold, epoch, 2, i) for i in batch]
             images, _ = load_batch(train_cubes, batch, device, augment, seeds)
-            loss = trainer.step(weighted_cross_entropy, images, train_labels[batch])
-            total += loss * len(batch)
+            metadata = metadata_batch(train_cubes, batch, device) if with_metadata else None
+            total += trainer.step(loss, images, metadata, train_labels[batch]) * len(batch)
         return total / len(order)
 
     def evaluate(net: torch.nn.Module) -> Evaluation:
-        logits = predict_cubes(net, valid_cubes, device, settings.batch_size, trainer.autocast())
-        loss = float(F.cross_entropy(logits, valid_labels, class_weight.cpu()))
-        probabilities = logits.softmax(dim=1)
+        logits = predict_cubes(
+            net, valid_cubes, device, settings.batch_size, trainer.autocast(), with_metadata
+        )
+        valid_loss = float(weighted_loss(logits, valid_labels, class_weight.cpu(), settings.head))
+        probabilities = head_probabilities(logits, settings.head)
         metric = task_metric(settings.task, valid_labels.numpy(), probabilities.numpy())
-        return Evaluation(loss, metric, probabilities)
+        return Evaluation(valid_loss, metric, probabilities)
 
     outcome = fit(
         trainer,
@@ -315,6 +313,8 @@ def finetune(
         window=DEFAULT_WINDOW,
         task=settings.task,
         classes=class_names(settings.task),
+        head=settings.head,
+        metadata=settings.metadata_names,
     )
     _write_oof(out_dir / "oof.csv", patients, labels, fold_of, probabilities, settings.task)
     summary: dict[str, Any] = {

@@ -256,6 +256,7 @@ def pretrain(
     augment = augmentation(settings.augment)
 
     def train_epoch(epoch: int) -> float:
+        trainer.set_learning_rate(settings.learning_rate(epoch))
         torch.manual_seed(seed_of(settings.seed, epoch, 1))
         shuffled = np.random.default_rng(seed_of(settings.seed, epoch)).permutation(train)
         total = 0.0

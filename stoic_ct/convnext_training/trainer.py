@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 SETTINGS_FILE = "settings.json"
 
 LAST, BEST = "last.pt", "best.pt"
+SCHEDULES = ("constant", "cosine")
 
 
 def start_run(out_dir: Path, settings: Any, resume: bool, what: str) -> None:
@@ -55,6 +56,7 @@ def start_run(out_dir: Path, settings: Any, resume: bool, what: str) -> None:
     """
     path = out_dir / SETTINGS_FILE
     now = asdict(settings)
+    defaults = asdict(type(settings)())
     if path.exists():
         if not resume:
             raise InputError(
@@ -62,7 +64,8 @@ def start_run(out_dir: Path, settings: Any, resume: bool, what: str) -> None:
                 out_dir,
             )
         before = json.loads(path.read_text())
-        changed = [k for k in now if k != "epochs" and before.get(k) != now[k]]
+        # A setting newer than the run's file counts as its default.
+        changed = [k for k in now if k != "epochs" and before.get(k, defaults.get(k)) != now[k]]
         if changed:
             raise InputError(
                 "holds a run with other settings ("
@@ -110,6 +113,9 @@ class NetworkSettings:
         augment: the augmentation preset (stoic_ct.convnext_training.augmentation).
         seed: of every random draw of the run.
         init: the checkpoint the network starts from (None: random weights).
+        schedule: "constant" (lr throughout) or "cosine": from lr at the first epoch down
+            to lr_floor at epoch schedule_end (default: the last epoch), set per epoch,
+            and lr_floor from then on.
     """
 
     size: str = "tiny"
@@ -123,8 +129,21 @@ class NetworkSettings:
     augment: str = "paper"
     seed: int = 0
     init: str | None = None
+    schedule: str = "constant"
+    lr_floor: float = 1e-6
+    schedule_end: int | None = None
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"
+            )
+        if self.schedule_end is not None and self.schedule_end < 1:
+            raise ValueError(f"the schedule's end epoch must be >= 1, not {self.schedule_end}")
+        if self.schedule == "cosine" and not 0 <= self.lr_floor <= self.lr:
+            raise ValueError(
+                f"the learning rate floor must be in [0, lr = {self.lr:g}], not {self.lr_floor:g}"
+            )
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {', '.join(SIZES)}, not {self.size!r}")
         if self.input_size < 32 or self.input_size % 32:
@@ -140,6 +159,14 @@ class NetworkSettings:
     def optimiser(self) -> OptimiserSettings:
         """The Trainer's part of the settings."""
         return OptimiserSettings(self.lr, self.weight_decay, self.ema_decay)
+
+    def learning_rate(self, epoch: int) -> float:
+        """The learning rate of 0-based `epoch` under the schedule."""
+        if self.schedule == "constant":
+            return self.lr
+        end = self.schedule_end or self.epochs
+        progress = min(epoch / max(end - 1, 1), 1.0) if end > 1 else 1.0
+        return self.lr_floor + (self.lr - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -167,7 +194,14 @@ class Trainer:
         """The context of forward passes: float16 autocast on a GPU, float32 otherwise."""
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
 
-    def step(self, compute_loss: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> float:
+    def set_learning_rate(self, lr: float) -> None:
+        """Set AdamW's learning rate (for the epoch about to run)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(
+        self, compute_loss: Callable[..., torch.Tensor], *inputs: torch.Tensor | None
+    ) -> float:
         """One optimiser step on `compute_loss(model, *inputs)`, then the EMA update.
 
         Returns the loss value.

@@ -36,7 +36,7 @@ from stoic_ct.atomic import atomic_write
 from stoic_ct.errors import InputError, StoicError
 from stoic_ct.inference.pipeline import EncodedScan
 from stoic_ct.io.cohort import Patient, task_rows
-from stoic_ct.io.demographics import Demographics, resolve_demographics
+from stoic_ct.io.demographics import Demographics, header_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.io.volume import Volume
@@ -334,10 +334,7 @@ def _compute(
     patient: Patient, model: FeatureExtractor, mask: Path | None, orientation: Orientation
 ) -> ScanFeatures:
     scan = read_scan(patient.image, orientation)
-    demographics = resolve_demographics(
-        [("header PatientAge", scan.header.get("PatientAge"))],
-        [("header PatientSex", scan.header.get("PatientSex"))],
-    )
+    demographics = header_demographics(scan.header)
     labels = read_scan(mask).volume if mask is not None else None
     try:
         encoded = model.encode(scan.volume, labels)

@@ -1,4 +1,4 @@
-"""The fine-tuned 3D ConvNeXt at inference: a fold ensemble that averages softmax outputs.
+"""The fine-tuned 3D ConvNeXt at inference: a fold ensemble that averages class probabilities.
 
 A fold-ensemble file (`finetune` writes it as convnext3d_<task>.pth) holds:
 
@@ -7,10 +7,14 @@ A fold-ensemble file (`finetune` writes it as convnext3d_<task>.pth) holds:
     input_size   S: the cube's side
     window       [low, high] HU of the input window
     task         "covid", "severe" or "severity4"
-    classes      the softmax's class names, in order
+    classes      the class names, in order
+    head         "softmax" (one logit per class) or "sigmoid" (one logit, binary tasks);
+                 absent in older files: softmax
+    metadata     what each network takes beside the image: ["age", "sex"] (encoded as
+                 the Balaïtous heads encode them) or []; absent in older files: []
     folds        [state_dict, ...]: each fold's EMA weights (with the class head)
 
-Every fold votes: the output is the mean of the folds' softmax probabilities (Kienzle et
+Every fold votes: the output is the mean of the folds' class probabilities (Kienzle et
 al.'s published inference kept the last fold only, by mistake).
 """
 
@@ -23,8 +27,9 @@ import numpy as np
 import torch
 
 from stoic_ct.atomic import atomic_write
-from stoic_ct.errors import ModelFileError
+from stoic_ct.errors import ModelFileError, StoicError
 from stoic_ct.inference.precision import numerics
+from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.volume import Volume
 from stoic_ct.models.convnext3d import SIZES, ConvNeXt3D
 from stoic_ct.preprocessing.convnext_preprocessing import classifier_input
@@ -32,6 +37,17 @@ from stoic_ct.weights.checkpoints import load_checkpoint
 from stoic_ct.weights.model_files import ModelFileSpec, problem
 
 FORMAT = "stoic-ct convnext3d fold ensemble 1"
+HEADS = ("softmax", "sigmoid")
+METADATA = ("age", "sex")  # Demographics.features: age / 100 clipped, sex 1 / 0 / 0.5
+
+
+def head_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
+    """(N, outputs) logits -> (N, C) class probabilities: the softmax, or for one sigmoid
+    logit p the two columns (1 - p, p)."""
+    if head == "sigmoid":
+        positive = logits[:, 0].sigmoid()
+        return torch.stack((1 - positive, positive), dim=1)
+    return logits.softmax(dim=1)
 
 
 def save_fold_ensemble(
@@ -43,6 +59,8 @@ def save_fold_ensemble(
     window: tuple[float, float],
     task: str,
     classes: Sequence[str],
+    head: str = "softmax",
+    metadata: Sequence[str] = (),
 ) -> Path:
     """Write the fold ensemble file (module docstring); returns `path`."""
     document = {
@@ -52,6 +70,8 @@ def save_fold_ensemble(
         "window": [float(window[0]), float(window[1])],
         "task": task,
         "classes": list(classes),
+        "head": head,
+        "metadata": list(metadata),
         "folds": [dict(fold) for fold in folds],
     }
     return atomic_write(path, lambda f: torch.save(document, f))
@@ -70,11 +90,14 @@ class FoldEnsemble:
         classes: Sequence[str],
         device: torch.device,
         precision: str = "exact",
+        head: str = "softmax",
+        metadata: Sequence[str] = (),
     ) -> None:
         self.models = [model.to(device).eval().requires_grad_(False) for model in models]
         self.input_size, self.window, self.task = input_size, window, task
         self.classes = tuple(classes)
         self.device, self.precision = device, precision
+        self.head, self.metadata = head, tuple(metadata)
 
     @classmethod
     def load(
@@ -91,9 +114,15 @@ class FoldEnsemble:
         size, folds, classes = document["size"], document["folds"], document["classes"]
         if size not in SIZES or not folds:
             raise ModelFileError(problem(spec, f"has size {size!r} and {len(folds)} folds"), path)
+        head, metadata = document.get("head", "softmax"), tuple(document.get("metadata", ()))
+        if head not in HEADS or not set(metadata) <= set(METADATA):
+            raise ModelFileError(
+                problem(spec, f"has head {head!r} and metadata {list(metadata)}"), path
+            )
+        outputs = 1 if head == "sigmoid" else len(classes)
         models = []
         for number, weights in enumerate(folds, start=1):
-            model = ConvNeXt3D(size, num_classes=len(classes))
+            model = ConvNeXt3D(size, num_classes=outputs, metadata_dim=len(metadata))
             try:
                 model.load_state_dict(weights, strict=True)
             except RuntimeError as error:
@@ -109,20 +138,34 @@ class FoldEnsemble:
             classes=classes,
             device=device,
             precision=precision,
+            head=head,
+            metadata=metadata,
         )
 
     @torch.inference_mode()
-    def probabilities(self, cube: torch.Tensor) -> np.ndarray:
-        """(1, S, S, S) cube in [0, 1] -> (C,) float64: the mean of the folds' softmax."""
+    def probabilities(
+        self, cube: torch.Tensor, demographics: Demographics | None = None
+    ) -> np.ndarray:
+        """(1, S, S, S) cube in [0, 1] -> (C,) float64: the mean of the folds' probabilities.
+
+        `demographics` is needed when the networks take age and sex (`metadata`).
+        """
         x = cube.to(self.device)[None]
+        extra = None
+        if self.metadata:
+            if demographics is None:
+                raise StoicError(f"the {self.task} fold ensemble takes age and sex; none given")
+            extra = torch.tensor([demographics.features], dtype=torch.float32, device=self.device)
         with numerics(self.device, self.precision):
-            each = torch.stack([model(x)[0].float().softmax(dim=0) for model in self.models])
+            each = torch.cat(
+                [head_probabilities(model(x, extra).float(), self.head) for model in self.models]
+            )
         return each.mean(dim=0).double().cpu().numpy()
 
     def cube(self, volume: Volume) -> torch.Tensor:
         """The (1, S, S, S) input this ensemble takes, prepared on its device."""
         return classifier_input(volume, self.input_size, self.window, self.device)
 
-    def __call__(self, volume: Volume) -> np.ndarray:
+    def __call__(self, volume: Volume, demographics: Demographics | None = None) -> np.ndarray:
         """(C,) class probabilities of one CT in HU."""
-        return self.probabilities(self.cube(volume))
+        return self.probabilities(self.cube(volume), demographics)

@@ -61,7 +61,7 @@ class ConvNeXtSystem:
         )
 
     def predict(self, volume: Volume, demographics: Demographics) -> Prediction:
-        """Age and sex are not inputs of the ConvNeXt; `demographics` is accepted for symmetry."""
+        """Both probabilities; age and sex go to the networks that take them (metadata)."""
         started = time.perf_counter()
         cube = self.covid.cube(volume)
         same_input = (self.severe.input_size, self.severe.window) == (
@@ -70,8 +70,8 @@ class ConvNeXtSystem:
         )
         severe_cube = cube if same_input else self.severe.cube(volume)
         prepared = time.perf_counter()
-        covid = float(self.covid.probabilities(cube)[1])
-        severe = float(self.severe.probabilities(severe_cube)[1])
+        covid = float(self.covid.probabilities(cube, demographics)[1])
+        severe = float(self.severe.probabilities(severe_cube, demographics)[1])
         return Prediction(
             Probabilities(covid=covid, severe=severe),
             {"cube": prepared - started, "convnext3d": time.perf_counter() - prepared},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -76,6 +76,11 @@ class Demographics:
         """1 for male, 0 for female, 0.5 when unknown."""
         return SEX_FEATURE[self.sex]
 
+    @property
+    def features(self) -> tuple[float, float]:
+        """(age_feature, sex_feature): what a network with metadata takes beside the image."""
+        return self.age_feature, self.sex_feature
+
 
 def parse_age(value: object) -> float:
     """Age in years from a number or a string such as "065Y", "65", "18M".
@@ -129,6 +134,14 @@ def resolve_demographics(
     age, age_source = _first_valid(ages, parse_age, "age", DEFAULT_AGE_YEARS)
     sex, sex_source = _first_valid(sexes, parse_sex, "sex", None)
     return Demographics(age, sex, age_source, sex_source)
+
+
+def header_demographics(header: Mapping[str, str]) -> Demographics:
+    """Age and sex from an image header's PatientAge and PatientSex (defaults otherwise)."""
+    return resolve_demographics(
+        [("header PatientAge", header.get("PatientAge"))],
+        [("header PatientSex", header.get("PatientSex"))],
+    )
 
 
 def _first_valid(

@@ -104,6 +104,8 @@ class ConvNeXt3D(nn.Module):
         num_classes: outputs of the head; 0 for none (a frozen encoder).
         drop_path_rate: stochastic depth, rising linearly from 0 to this over the blocks.
         layer_scale: initial value of the per-channel layer scale (0 disables it).
+        metadata_dim: values appended to the pooled feature before the head (2: age and
+            sex, as the STOIC2021 winner's `use_metadata`); 0 for none.
     """
 
     def __init__(
@@ -113,8 +115,10 @@ class ConvNeXt3D(nn.Module):
         in_chans: int = 1,
         drop_path_rate: float = 0.0,
         layer_scale: float = 1e-6,
+        metadata_dim: int = 0,
     ) -> None:
         super().__init__()
+        self.metadata_dim = metadata_dim
         if size not in SIZES:
             raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
         self.size, self.size_name = SIZES[size], size
@@ -143,7 +147,9 @@ class ConvNeXt3D(nn.Module):
                 )
             )
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head: nn.Module = nn.Linear(dims[-1], num_classes) if num_classes else nn.Identity()
+        self.head: nn.Module = (
+            nn.Linear(dims[-1] + metadata_dim, num_classes) if num_classes else nn.Identity()
+        )
         self.apply(_init_weights)
 
     def blocks(self) -> list[Block]:
@@ -173,9 +179,18 @@ class ConvNeXt3D(nn.Module):
         """(N, 1, D, H, W) -> (N, C) pooled feature (what the frozen encoder gives)."""
         return self.pool(self.forward_stages(x)[-1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, D, H, W) -> (N, num_classes) logits, or the (N, C) feature without a head."""
-        out: torch.Tensor = self.head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 1, D, H, W) and (N, metadata_dim) -> (N, num_classes) logits, or the (N, C)
+        feature without a head (and without metadata)."""
+        feature = self.forward_features(x)
+        if self.metadata_dim:
+            if metadata is None or tuple(metadata.shape) != (len(x), self.metadata_dim):
+                got = None if metadata is None else tuple(metadata.shape)
+                raise ValueError(
+                    f"this network takes ({len(x)}, {self.metadata_dim}) metadata, not {got}"
+                )
+            feature = torch.cat((feature, metadata.to(feature.dtype)), dim=1)
+        out: torch.Tensor = self.head(feature)
         return out
 
 

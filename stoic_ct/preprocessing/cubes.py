@@ -9,6 +9,7 @@ changed scan or setting is prepared again and an interrupted preparation resumes
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stoic_ct.atomic import atomic_write
+from stoic_ct.atomic import atomic_write, atomic_write_text
 from stoic_ct.convnext_training.augmentation import Compose
 from stoic_ct.errors import InputError, StoicError
 from stoic_ct.io.cohort import STOIC_TASKS, Patient, read_cohort, read_grades, task_rows
+from stoic_ct.io.demographics import Demographics, header_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.preprocessing.convnext_preprocessing import (
     DEFAULT_WINDOW,
@@ -39,11 +41,13 @@ LESION_DIR = Path("data") / "lesions"
 
 @dataclass(frozen=True)
 class Cube:
-    """One patient's cached cube(s): image (S, S, S) float16 `.npy`, lesions uint8 or None."""
+    """One patient's cached cube(s): image (S, S, S) float16 `.npy`, lesions uint8 or None,
+    and the (age_feature, sex_feature) of the scan's header (the networks' metadata)."""
 
     patient: str
     image: Path
     lesions: Path | None = None
+    metadata: tuple[float, float] = Demographics().features
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(1, S, S, S) float32 image and (1, S, S, S) uint8 lesion mask (or None), on the CPU."""
@@ -81,6 +85,13 @@ def load_batch(
         if mask is not None:
             masks.append(mask[0])
     return torch.stack(images), torch.stack(masks) if with_lesions else None
+
+
+def metadata_batch(
+    cubes: Sequence[Cube], indices: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """(B, 2) float32 (age_feature, sex_feature) of the cubes at `indices`, on `device`."""
+    return torch.tensor([cubes[i].metadata for i in indices], dtype=torch.float32, device=device)
 
 
 def task_patients(data_dir: Path, task: str) -> tuple[list[Patient], np.ndarray]:
@@ -144,14 +155,19 @@ def cached_cubes(
     cubes = []
     bar = tqdm(patients, desc="cubes", unit="scan", disable=None if progress else True)
     for patient in bar:
-        image = cache_dir / f"{patient.id}-{_digest(patient.image)}-{setting}.npy"
-        if not image.exists():
+        stem = f"{patient.id}-{_digest(patient.image)}"
+        image = cache_dir / f"{stem}-{setting}.npy"
+        header = cache_dir / f"{stem}-header.json"
+        if not image.exists() or not header.exists():
             try:
                 scan = read_scan(patient.image)
-                cube = classifier_input(scan.volume, size, window)[0].numpy()
+                if not image.exists():
+                    cube = classifier_input(scan.volume, size, window)[0].numpy()
+                    save_array(image, cube.astype(np.float16))
             except StoicError as error:
                 raise error.with_path(patient.image) from None
-            save_array(image, cube.astype(np.float16))
+            atomic_write_text(header, json.dumps(scan.header, sort_keys=True) + "\n")
+        demographics = header_demographics(json.loads(header.read_text(encoding="utf-8")))
         lesions = None
         if lesion_dir is not None:
             source = lesion_dir / f"{patient.id}.mha"
@@ -164,5 +180,5 @@ def cached_cubes(
                 mask = read_scan(source).volume
                 labels = label_cube(mask, size)[0].numpy()
                 save_array(lesions, labels)
-        cubes.append(Cube(patient.id, image, lesions))
+        cubes.append(Cube(patient.id, image, lesions, demographics.features))
     return cubes

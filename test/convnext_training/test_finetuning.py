@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from stoic_ct.convnext_training.finetuning import FinetuneSettings, finetune
+from stoic_ct.convnext_training.finetuning import finetune
+from stoic_ct.convnext_training.recipes import FinetuneSettings
 from stoic_ct.convnext_training.trainer import LAST
 from stoic_ct.errors import InputError
 from stoic_ct.inference.classifier import FoldEnsemble, save_fold_ensemble
