@@ -1,114 +1,152 @@
-"""STOIC2021 final-phase training: new Balaïtous heads from a cohort in the training layout.
+"""STOIC2021 final-phase training: both systems and their ensemble, from a cohort in the
+training layout, into one model folder.
 
-    python train.py [--input /input] [--output /output] [--scratch /scratch]
-                    [--model-dir DIR] [--device auto|cpu|cuda] [--precision exact|fast]
-                    [--encoder vit|convnext3d-frozen] [--lung-masks DIR]
+    python train.py [--system balaitous|convnext3d|both] [--input /input] [--output /output]
+                    [--scratch /scratch] [--model-dir DIR] [--devices auto|cpu|cuda:0,...]
+                    [--precision exact|fast] [--encoder vit|convnext3d-frozen]
+                    [--lung-masks DIR] [--convnext KEY=VALUE ...]
                     [--evaluate] [--folds 8] [--repeats 4] [--seed 0]
 
-Reads INPUT/data/mha/<PatientID>.mha and INPUT/metadata/reference.csv, extracts both
-encoders' features of every scan (cached under SCRATCH/feature-cache, so that a rerun
-resumes), fits the four logistic regressions, and writes OUTPUT/balaitous.npz (the
-published layout) and OUTPUT/heads.json; with --evaluate also OUTPUT/report/ (nested
-cross-validation). Scans that fail are reported and left out. The encoders and the U-Net
-are the ones in the model folder, unchanged.
+Reads INPUT/data/mha/<PatientID>.mha and INPUT/metadata/reference.csv. balaitous: extracts
+both encoders' features of every scan and fits the four logistic regressions
+(OUTPUT/balaitous.npz, heads.json); convnext3d: fine-tunes the 3D ConvNeXt for COVID-19 and
+for severity with the STOIC2021 winner's recipe (OUTPUT/convnext3d_covid.pth,
+convnext3d_severe.pth; starting from the model folder's convnext3d.pth when it has one);
+both (the default): the two, then the ensemble's weights from their out-of-fold
+predictions (OUTPUT/ensemble.json, ensemble-report/). The encoders and the U-Net are copied
+from the model folder and OUTPUT/MANIFEST lists every model file: OUTPUT is a complete
+model folder for process.py and export.sh. Every device is used: the feature extraction
+is sharded and the ConvNeXt's folds shared among them. Scans that fail are reported and
+left out. Everything slow is cached under SCRATCH: run it again after an interruption and
+it resumes.
 
 In the container: `docker run --entrypoint python IMAGE train.py`, with the cohort at
 /input, the model folder at /opt/ml/model, a writable /output and /scratch. Progress goes
-to stdout; stderr carries only warnings and errors. Then put the heads into model/ with
-`python -m stoic_ct install-heads OUTPUT` and run ./export.sh.
+to stdout; stderr carries only warnings and errors. Then `./export.sh --model-dir OUTPUT`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from stoic_ct.errors import StoicError
 from stoic_ct.logs import configure_logging
-from stoic_ct.options import add_model_arguments, model_settings
+from stoic_ct.options import add_model_arguments
 from stoic_ct.weights.model_files import default_model_dir
 
 logger = logging.getLogger("stoic_ct.train")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from stoic_ct.final_training import SYSTEMS
+
     parser = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--system", choices=SYSTEMS, default="both", help="default both")
     parser.add_argument("--input", type=Path, default=Path("/input"))
     parser.add_argument("--output", type=Path, default=Path("/output"))
     parser.add_argument("--scratch", type=Path, default=Path("/scratch"))
-    add_model_arguments(parser)
+    add_model_arguments(parser, device=False)
+    parser.add_argument(
+        "--devices",
+        default="auto",
+        help="where to train: auto (every CUDA GPU, else the CPU; the default) or a comma "
+        "list such as cuda:0,cuda:1",
+    )
     parser.add_argument(
         "--lung-masks",
         type=Path,
         default=None,
         help="lung label images <PatientID>.mha to use instead of the U-Net",
     )
+    parser.add_argument(
+        "--convnext",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fine-tuning settings that replace the recipe's for both tasks, e.g. epochs=10 "
+        "batch_size=2 init=/path/pretrained.pth (the fields of `finetune`'s settings.json)",
+    )
     parser.add_argument("--evaluate", action="store_true", help="also write OUTPUT/report/")
-    parser.add_argument("--folds", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--folds", type=int, default=8, help="of the heads' nested CV")
+    parser.add_argument("--repeats", type=int, default=4, help="of the heads' nested CV")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
+def convnext_values(pairs: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs as FinetuneSettings values, each converted to its field's type.
+
+    Raises:
+        StoicError: for an unknown key or a value of the wrong type.
+    """
+    from stoic_ct.convnext_training.recipes import FinetuneSettings
+
+    types = typing.get_type_hints(FinetuneSettings)
+    names = [f.name for f in dataclasses.fields(FinetuneSettings)]
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        if key not in names or not _:
+            raise StoicError(
+                f"--convnext {pair!r}: expected KEY=VALUE, KEY one of {', '.join(names)}"
+            )
+        kind = types[key]
+        try:
+            if text.lower() == "none" and type(None) in typing.get_args(kind):
+                values[key] = None
+            elif kind is bool:
+                values[key] = {"true": True, "false": False}[text.lower()]
+            else:
+                base = next(
+                    (t for t in (int, float) if t is kind or t in typing.get_args(kind)), str
+                )
+                values[key] = base(text)
+        except (KeyError, ValueError):
+            raise StoicError(f"--convnext {pair!r}: {text!r} is not a {kind}") from None
+    return values
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Extract, fit, write; 0 on success, 1 with a one-line message otherwise."""
+    """Train, write; 0 on success, 1 with a one-line message otherwise."""
     args = parse_args(argv)
     configure_logging(information_to_stdout=True)
     try:
-        train(args)
+        from stoic_ct.final_training import TrainingRun, train
+        from stoic_ct.head_training.training import FitSettings
+        from stoic_ct.inference.precision import ModelSettings
+        from stoic_ct.parallel import training_devices
+
+        devices = training_devices(args.devices)
+        run = TrainingRun(
+            input_dir=args.input,
+            output_dir=args.output,
+            scratch_dir=args.scratch,
+            model_dir=args.model_dir or default_model_dir(),
+            system=args.system,
+            model=ModelSettings(devices[0], args.precision, args.encoder),
+            devices=tuple(devices),
+            orientation=args.orientation,
+            lung_masks=args.lung_masks,
+            heads=FitSettings(seed=args.seed),
+            folds=args.folds,
+            repeats=args.repeats,
+            evaluate=args.evaluate,
+            convnext=convnext_values(args.convnext),
+        )
+        train(run)
     except StoicError as error:
         logger.error("%s", error)
         return 1
     return 0
-
-
-def train(args: argparse.Namespace) -> None:
-    from stoic_ct.head_training.evaluation import cross_validate, protocol, report
-    from stoic_ct.head_training.features import encoder_key, extract
-    from stoic_ct.head_training.training import (
-        FitSettings,
-        fit_heads,
-        heads_document,
-        to_logistic_heads,
-        write_heads,
-    )
-    from stoic_ct.inference.pipeline import Balaitous
-    from stoic_ct.io.cohort import read_cohort
-
-    patients = read_cohort(args.input)
-    model_dir = args.model_dir or default_model_dir()
-    logger.info("%d scans in %s; models from %s", len(patients), args.input, model_dir)
-    with_r231 = args.lung_masks is None
-    model = Balaitous.feature_extractor(
-        model_dir, model_settings(args), lung_masks="r231" if with_r231 else "given"
-    )
-    key = encoder_key(model_dir, args.precision, with_r231, args.encoder, args.orientation)
-    table = extract(patients, model, args.scratch / "feature-cache", key, args.lung_masks)
-    table.save(args.scratch / "features.npz")
-    settings = FitSettings(seed=args.seed)
-    fits = fit_heads(table, settings)
-    path = write_heads(
-        args.output,
-        to_logistic_heads(fits),
-        heads_document(fits, table, settings),
-        expect_model_files=False,
-    )
-    logger.info(
-        "new heads in %s; install them with: python -m stoic_ct install-heads %s", path, path.parent
-    )
-    if args.evaluate:
-        results = cross_validate(table, settings, args.folds, args.repeats)
-        about = {
-            "title": "Nested cross-validation of the heads fitted by train.py",
-            "protocol": {"patients": len(table)} | protocol(settings, args.folds, args.repeats),
-        }
-        report(results, about, args.output / "report", seed=settings.seed)
-        logger.info("evaluation report in %s", args.output / "report")
 
 
 if __name__ == "__main__":

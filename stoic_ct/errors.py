@@ -24,6 +24,10 @@ class StoicError(Exception):
     def __str__(self) -> str:
         return self.message if self.path is None else f"{self.path}: {self.message}"
 
+    def __reduce__(self) -> tuple[type[StoicError], tuple[str, Path | None]]:
+        # Keeps the path when the error crosses a process boundary (stoic_ct.parallel).
+        return type(self), (self.message, self.path)
+
 
 class InputError(StoicError):
     """The scan, its metadata or a folder given to us cannot be used."""

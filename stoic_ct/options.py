@@ -29,8 +29,9 @@ def encoder_name(value: str) -> str:
     return new
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model-dir, --precision, --device, --encoder and --orientation."""
+def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """--model-dir, --precision, --device (unless `device` is False: train.py has
+    --devices), --encoder and --orientation."""
     parser.add_argument(
         "--model-dir",
         type=Path,
@@ -45,12 +46,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="exact: the published numbers (default); fast: float16 on a GPU, int8 on a CPU, "
         "within 0.02 of exact on the benchmark",
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to run the networks (default: auto, a GPU when there is one)",
-    )
+    if device:
+        parser.add_argument(
+            "--device",
+            choices=("auto", "cpu", "cuda"),
+            default="auto",
+            help="where to run the networks (default: auto, a GPU when there is one)",
+        )
     parser.add_argument(
         "--encoder",
         type=encoder_name,

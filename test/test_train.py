@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import train
-from helpers import assert_process_py_uses
+from helpers import THIN_PHANTOM, assert_process_py_uses, write_case
 from stoic_ct.cli import main as cli
+from stoic_ct.errors import StoicError
 from stoic_ct.head_training.features import FeatureTable
+from stoic_ct.io.imageio import read_scan
 from stoic_ct.phantom import write_phantom_cohort
 
 REPOSITORY = Path(train.__file__).resolve().parent
@@ -120,8 +124,7 @@ def test_train_py_on_shuffled_labels_finds_nothing_to_learn(
             str(model_dir),
             "--lung-masks",
             str(cohort_masks),
-            "--device",
-            "cpu",
+            *("--system", "balaitous", "--devices", "cpu"),
             "--evaluate",
             "--folds",
             "4",
@@ -147,3 +150,83 @@ def test_train_py_says_what_is_wrong_with_the_input(
     assert train.main(["--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
     assert f"{tmp_path}: has no data/mha/ folder; expected the STOIC layout" in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
+    phantom_cohort: Path, cohort_masks: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """train.py --system both on 48 phantoms with tiny models, on two devices (two CPU
+    processes): heads, both fold ensembles and ensemble.json in one folder with which
+    process.py --model ensemble runs; a second run resumes from the scratch folder."""
+    from stoic_ct.inference.systems import load_system
+    from stoic_ct.io.contract import demographics_for, read_job_inputs
+
+    output, scratch = tmp_path / "output", tmp_path / "scratch"
+    arguments = [
+        *("--system", "both", "--input", str(phantom_cohort)),
+        *("--output", str(output), "--scratch", str(scratch), "--model-dir", str(model_dir)),
+        *("--lung-masks", str(cohort_masks), "--devices", "cpu,cpu"),
+        *("--folds", "4", "--repeats", "2"),
+        *("--convnext", "size=micro", "input_size=32", "epochs=2", "folds=2", "augment=none"),
+    ]
+    assert train.main(arguments) == 0
+    model_files = {
+        "balaitous.npz",
+        "convnext3d_covid.pth",
+        "convnext3d_severe.pth",
+        "ensemble.json",
+        "unet_r231-d5d2fc3d.pth",
+        "vitl_16_ct.pth",
+        "vitl_16_pt22k.pth",
+    }
+    listed = {line.split("  ")[1] for line in (output / "MANIFEST").read_text().splitlines()}
+    assert listed == model_files
+    assert (output / "RANDOM_WEIGHTS").exists()  # tiny random encoders stay marked
+    weights = json.loads((output / "ensemble.json").read_text())
+    for task in ("covid", "severe"):
+        assert weights[task]["balaitous"] + weights[task]["convnext3d"] == pytest.approx(1.0)
+    summary = json.loads((output / "training.json").read_text())
+    assert summary["devices"] == ["cpu", "cpu"]
+    assert summary["convnext"]["severe"]["metadata"] is True  # the winner's recipe
+    assert summary["convnext"]["severe"]["input_size"] == 32  # with the given values
+
+    job = tmp_path / "job"
+    write_case(job / "input", THIN_PHANTOM)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPOSITORY / "process.py"),
+            *("--input", str(job / "input"), "--output", str(job / "output")),
+            *("--model-dir", str(output), "--device", "cpu", "--model", "ensemble"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    inputs = read_job_inputs(job / "input")
+    scan = read_scan(next(inputs.image_dir.iterdir()))
+    expected = load_system("ensemble", output).predict(scan.volume, demographics_for(scan, inputs))
+    for name, value in (
+        ("probability-covid-19.json", expected.probabilities.covid),
+        ("probability-severe-covid-19.json", expected.probabilities.severe),
+    ):
+        assert abs(json.loads((job / "output" / name).read_text()) - value) <= 1e-6, name
+
+    # Started again, the run resumes: no fold is trained again, the same folder results.
+    folds = sorted(scratch.glob("convnext3d-*/fold-*/last.pt"))
+    assert len(folds) == 4
+    stamps = [p.stat().st_mtime_ns for p in folds]
+    assert train.main(arguments) == 0
+    assert [p.stat().st_mtime_ns for p in folds] == stamps
+    assert json.loads((output / "ensemble.json").read_text())["covid"] == weights["covid"]
+
+
+def test_convnext_values_take_their_fields_types() -> None:
+    values = train.convnext_values(["epochs=3", "init=none", "metadata=false", "lr=1e-4"])
+    assert values == {"epochs": 3, "init": None, "metadata": False, "lr": 1e-4}
+    assert train.convnext_values(["schedule_end=20"]) == {"schedule_end": 20}
+    with pytest.raises(StoicError, match="KEY one of"):
+        train.convnext_values(["epoch=3"])
+    with pytest.raises(StoicError, match="'three' is not a"):
+        train.convnext_values(["epochs=three"])

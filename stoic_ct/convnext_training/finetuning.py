@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import logging
+import multiprocessing
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -51,7 +52,9 @@ from stoic_ct.convnext_training.trainer import (
 from stoic_ct.errors import InputError
 from stoic_ct.inference.classifier import head_probabilities, save_fold_ensemble
 from stoic_ct.io.cohort import Patient
+from stoic_ct.logs import configure_logging
 from stoic_ct.models.convnext3d import ConvNeXt3D, load_encoder_of_size
+from stoic_ct.parallel import on_devices
 from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
 from stoic_ct.preprocessing.cubes import (
     Cube,
@@ -255,13 +258,48 @@ def metric_name(task: str) -> str:
     return "macro_f1" if task == "severity4" else "auc"
 
 
+@dataclass(frozen=True)
+class FoldJob:
+    """The folds one device trains: (fold, training rows, validation rows) each."""
+
+    folds: list[tuple[int, np.ndarray, np.ndarray]]
+    cubes: list[Cube]
+    labels: np.ndarray
+    settings: FinetuneSettings
+    out_dir: Path
+    progress: bool
+
+
+def train_folds(device: torch.device, job: FoldJob) -> list[tuple[int, np.ndarray, float]]:
+    """Train `job`'s folds on `device`, one after the other: (fold, (V, C) best validation
+    probabilities, metric) each. Runs in a process of its own when there are several
+    devices (stoic_ct.parallel)."""
+    if multiprocessing.parent_process() is not None:
+        configure_logging(information_to_stdout=True)
+    results = []
+    for fold, train, valid in job.folds:
+        best, metric = train_fold(
+            fold,
+            job.cubes,
+            job.labels,
+            train,
+            valid,
+            job.settings,
+            device,
+            job.out_dir / f"fold-{fold + 1}",
+            job.progress,
+        )
+        results.append((fold, best.numpy(), metric))
+    return results
+
+
 def finetune(
     patients: Sequence[Patient],
     labels: np.ndarray,
     settings: FinetuneSettings,
     out_dir: Path,
     *,
-    device: torch.device,
+    device: torch.device | Sequence[torch.device],
     cache_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -270,6 +308,8 @@ def finetune(
 
     Args:
         patients, labels: the task's patients and (N,) class indices (`task_patients`).
+        device: where to train; with several, the folds are shared out among them (fold k
+            on device k mod n), each device training its folds in a process of its own.
         cache_dir: where the cubes are kept (default OUT/cubes).
 
     Raises:
@@ -277,6 +317,7 @@ def finetune(
             with other settings.
     """
     started = time.perf_counter()
+    devices = [device] if isinstance(device, torch.device) else list(device)
     classes = len(class_names(settings.task))
     _check_classes(labels, classes, settings.folds, settings.task)
     start_run(out_dir, settings, resume, "fine-tuning")
@@ -284,23 +325,28 @@ def finetune(
         patients, cache_dir or out_dir / "cubes", settings.input_size, progress=progress
     )
     splitter = StratifiedKFold(settings.folds, shuffle=True, random_state=settings.seed % 2**32)
+    splits = [
+        (fold, train, valid)
+        for fold, (train, valid) in enumerate(splitter.split(np.zeros(len(labels)), labels))
+    ]
+    alone = len(devices) == 1
+    jobs = [
+        (
+            d,
+            FoldJob(
+                splits[i :: len(devices)], cubes, labels, settings, out_dir, progress and alone
+            ),
+        )
+        for i, d in enumerate(devices[: settings.folds])
+    ]
     probabilities = np.full((len(cubes), classes), np.nan)
     fold_of = np.full(len(cubes), -1, dtype=np.int64)
-    fold_metrics = []
-    for fold, (train, valid) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        best, metric = train_fold(
-            fold,
-            cubes,
-            labels,
-            train,
-            valid,
-            settings,
-            device,
-            out_dir / f"fold-{fold + 1}",
-            progress,
-        )
-        probabilities[valid], fold_of[valid] = best.numpy(), fold
-        fold_metrics.append(metric)
+    fold_metrics = [float("nan")] * settings.folds
+    for results in on_devices(train_folds, jobs):
+        for fold, best, metric in results:
+            valid = splits[fold][2]
+            probabilities[valid], fold_of[valid] = best, fold
+            fold_metrics[fold] = metric
     metric = task_metric(settings.task, labels, probabilities)
     ensemble = save_fold_ensemble(
         out_dir / f"convnext3d_{settings.task}.pth",
@@ -322,7 +368,7 @@ def finetune(
         "patients": len(patients),
         "class_counts": np.bincount(labels, minlength=classes).tolist(),
         metric_name(settings.task): {"out_of_fold": metric, "folds": fold_metrics},
-        "device": str(device),
+        "devices": [str(d) for d in devices],
         "seconds": time.perf_counter() - started,
         "settings": asdict(settings),
         "ensemble": ensemble.name,

@@ -147,7 +147,16 @@ def fetch_weights(dest: Path, sources: Sources, check: Checker) -> dict[str, str
             problems.append(error.message)
             failures.append(spec)
     if digests:
-        write_manifest(dest, digests)
+        # Other files the MANIFEST lists (fitted heads' siblings, the ConvNeXt's fold
+        # ensembles, ensemble.json) stay listed while they are there: export.sh packs
+        # what the MANIFEST lists.
+        published = {spec.name for spec in ALL_FILES}
+        others = {
+            name: digest
+            for name, digest in manifest.items()
+            if name not in published and (dest / name).is_file()
+        }
+        write_manifest(dest, others | digests)
     if failures:
         raise FetchError(_by_hand(failures, dest, sources, problems))
     logger.info("%s holds the four model files, checked; sha256 sums in %s/MANIFEST", dest, dest)

@@ -330,7 +330,8 @@ def test_train_py_in_the_image(
     image: str, tiny_model: Path, phantom_cohort: Path, cohort_masks: Path, tmp_path: Path
 ) -> None:
     """The final-phase training entry point, in the same image, on 48 small phantoms with
-    tiny encoders and given lung masks: new heads in /output, nothing on stderr."""
+    tiny encoders and given lung masks: a complete model folder in /output (new heads,
+    the mounted encoders and U-Net, MANIFEST), nothing on stderr but warnings."""
     cohort = Path(shutil.copytree(phantom_cohort, tmp_path / "cohort"))
     shutil.copytree(cohort_masks, cohort / "masks")
     output = writable_folder(tmp_path / "output")
@@ -339,11 +340,16 @@ def test_train_py_in_the_image(
         cohort,
         output,
         tiny_model,
-        *("train.py", "--lung-masks", "/input/masks", "--device", "cpu"),
+        *("train.py", "--system", "balaitous", "--lung-masks", "/input/masks", "--devices", "cpu"),
         engine_args=["--entrypoint=python", "--tmpfs=/scratch:rw,mode=1777"],
     )
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in output.iterdir()) == ["balaitous.npz", "heads.json"]
+    model_files = ["unet_r231-d5d2fc3d.pth", "vitl_16_ct.pth", "vitl_16_pt22k.pth"]
+    assert sorted(p.name for p in output.iterdir()) == sorted(
+        ["MANIFEST", "RANDOM_WEIGHTS", "balaitous.npz", "heads.json", "training.json", *model_files]
+    )
+    manifest = (output / "MANIFEST").read_text()
+    assert all(f"  {name}\n" in manifest for name in ["balaitous.npz", *model_files])
     assert json.loads((output / "heads.json").read_text())["data"]["patients"] == 48
     with np.load(output / "balaitous.npz") as heads:
         assert heads["coef_full_severe"].shape[-1] == 64 + 2  # tiny features, age and sex
