@@ -92,18 +92,21 @@ def resident_bytes(path: Path) -> int:
     return _smaps_of(path)[1]
 
 
-def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") -> str:
-    """process.py, in a subprocess on a thin phantom, gives what the pipeline built in this
-    process from `model_dir`'s files gives (within 1e-6): it loaded those files.
+def assert_process_py_uses(
+    model_dir: Path, work: Path, encoder: str = "vit", model: str = "balaitous"
+) -> str:
+    """process.py --model MODEL, in a subprocess on a thin phantom, gives what the system
+    built in this process from `model_dir`'s files gives (within 1e-6): it loaded those
+    files.
 
     Returns:
         process.py's stderr.
     """
     import json
 
-    from stoic_ct.inference.pipeline import Balaitous
     from stoic_ct.inference.precision import ModelSettings
-    from stoic_ct.io.demographics import resolve_demographics
+    from stoic_ct.inference.systems import load_system
+    from stoic_ct.io.contract import demographics_for, read_job_inputs
     from stoic_ct.io.imageio import read_scan
 
     image = write_case(work / "input", THIN_PHANTOM)
@@ -113,6 +116,7 @@ def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") ->
             str(REPOSITORY / "process.py"),
             *("--input", str(work / "input"), "--output", str(work / "output")),
             *("--model-dir", str(model_dir), "--device", "cpu", "--encoder", encoder),
+            *("--model", model),
         ],
         capture_output=True,
         text=True,
@@ -120,16 +124,14 @@ def assert_process_py_uses(model_dir: Path, work: Path, encoder: str = "vit") ->
     )
     assert done.returncode == 0, done.stderr
     scan = read_scan(image)
-    demographics = resolve_demographics(
-        [("header", scan.header.get("PatientAge"))], [("header", scan.header.get("PatientSex"))]
-    )
-    model = Balaitous.from_model_dir(model_dir, ModelSettings(encoder=encoder))
-    expected = model.predict(scan.volume, demographics).probabilities
+    system = load_system(model, model_dir, ModelSettings(encoder=encoder))
+    expected = system.predict(scan.volume, demographics_for(scan, read_job_inputs(work / "input")))
     for name, value in (
-        ("probability-covid-19.json", expected.covid),
-        ("probability-severe-covid-19.json", expected.severe),
+        ("probability-covid-19.json", expected.probabilities.covid),
+        ("probability-severe-covid-19.json", expected.probabilities.severe),
     ):
-        assert abs(json.loads((work / "output" / name).read_text()) - value) <= 1e-6, name
+        got = json.loads((work / "output" / name).read_text())
+        assert abs(got - value) <= 1e-6, name
     return done.stderr
 
 

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import train
-from helpers import THIN_PHANTOM, assert_process_py_uses, write_case
+from helpers import assert_process_py_uses
 from stoic_ct.cli import main as cli
 from stoic_ct.errors import StoicError
 from stoic_ct.head_training.features import FeatureTable
-from stoic_ct.io.imageio import read_scan
 from stoic_ct.phantom import write_phantom_cohort
 
 REPOSITORY = Path(train.__file__).resolve().parent
@@ -158,9 +155,6 @@ def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
     """train.py --system both on 48 phantoms with tiny models, on two devices (two CPU
     processes): heads, both fold ensembles and ensemble.json in one folder with which
     process.py --model ensemble runs; a second run resumes from the scratch folder."""
-    from stoic_ct.inference.systems import load_system
-    from stoic_ct.io.contract import demographics_for, read_job_inputs
-
     output, scratch = tmp_path / "output", tmp_path / "scratch"
     arguments = [
         *("--system", "both", "--input", str(phantom_cohort)),
@@ -190,28 +184,7 @@ def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
     assert summary["convnext"]["severe"]["metadata"] is True  # the winner's recipe
     assert summary["convnext"]["severe"]["input_size"] == 32  # with the given values
 
-    job = tmp_path / "job"
-    write_case(job / "input", THIN_PHANTOM)
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPOSITORY / "process.py"),
-            *("--input", str(job / "input"), "--output", str(job / "output")),
-            *("--model-dir", str(output), "--device", "cpu", "--model", "ensemble"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    inputs = read_job_inputs(job / "input")
-    scan = read_scan(next(inputs.image_dir.iterdir()))
-    expected = load_system("ensemble", output).predict(scan.volume, demographics_for(scan, inputs))
-    for name, value in (
-        ("probability-covid-19.json", expected.probabilities.covid),
-        ("probability-severe-covid-19.json", expected.probabilities.severe),
-    ):
-        assert abs(json.loads((job / "output" / name).read_text()) - value) <= 1e-6, name
+    assert_process_py_uses(output, tmp_path / "job", model="ensemble")
 
     # Started again, the run resumes: no fold is trained again, the same folder results.
     folds = sorted(scratch.glob("convnext3d-*/fold-*/last.pt"))

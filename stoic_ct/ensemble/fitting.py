@@ -138,7 +138,7 @@ def best_weight(y: np.ndarray, first: np.ndarray, second: np.ndarray) -> float:
     grid = np.linspace(0.0, 1.0, WEIGHT_STEPS + 1)
     aucs = np.array([roc_auc_score(y, w * first + (1 - w) * second) for w in grid])
     best = np.flatnonzero(aucs >= aucs.max() - 1e-12)
-    return float(grid[best[np.argmin(np.abs(grid[best] - 0.5))]])
+    return round(float(grid[best[np.argmin(np.abs(grid[best] - 0.5))]]), 6)
 
 
 def fit_task(

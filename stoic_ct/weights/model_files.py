@@ -143,7 +143,7 @@ ENSEMBLE_WEIGHTS = ModelFileSpec(
     "ensemble.json",
     'the weights of `--model ensemble`: {"covid": {"balaitous": w, "convnext3d": w}, '
     '"severe": {...}}',
-    "nowhere: you write it (README, 'The fine-tuned 3D ConvNeXt')",
+    "made locally with `python -m stoic_ct fit-ensemble` (or train.py --system both)",
     "yours",
 )
 MODEL_KINDS = ("balaitous", "convnext3d", "ensemble")

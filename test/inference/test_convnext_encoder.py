@@ -1,5 +1,5 @@
-"""The 3D ConvNeXt as a frozen encoder: inflate-convnext, --encoder convnext3d through
-extract-features, fit-heads and process.py."""
+"""The 3D ConvNeXt as a frozen encoder: inflate-convnext, --encoder convnext3d-frozen
+through extract-features, fit-heads and process.py (and the old name, deprecated)."""
 
 from __future__ import annotations
 
