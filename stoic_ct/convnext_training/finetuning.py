@@ -38,7 +38,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
-from stoic_ct.atomic import atomic_write
+from stoic_ct.atomic import atomic_write_text
 from stoic_ct.convnext_training.augmentation import augmentation
 from stoic_ct.convnext_training.recipes import FinetuneSettings, class_names
 from stoic_ct.convnext_training.trainer import (
@@ -374,7 +374,7 @@ def finetune(
         "ensemble": ensemble.name,
     }
     text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(out_dir / "finetune.json", lambda f: f.write(text.encode()))
+    atomic_write_text(out_dir / "finetune.json", text)
     logger.info(
         "%s: out-of-fold %s %.4f (folds: %s); wrote %s",
         settings.task,
@@ -400,4 +400,4 @@ def _write_oof(
     writer.writerow(["PatientID", "label", "fold", *(f"p_{n.replace(' ', '_')}" for n in names)])
     for patient, label, k, p in zip(patients, labels, fold, probabilities, strict=True):
         writer.writerow([patient.id, int(label), int(k) + 1, *(f"{v:.6f}" for v in p)])
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    atomic_write_text(path, text.getvalue())

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from stoic_ct.atomic import atomic_write
+from stoic_ct.atomic import atomic_write, atomic_write_text
 from stoic_ct.convnext_training.augmentation import AUGMENTATIONS
 from stoic_ct.errors import InputError
 from stoic_ct.models.convnext3d import SIZES
@@ -75,7 +75,7 @@ def start_run(out_dir: Path, settings: Any, resume: bool, what: str) -> None:
             )
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(now, indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_text(path, text)
 
 
 def seed_of(*parts: int) -> int:
@@ -358,7 +358,7 @@ def write_metrics(history: list[dict[str, float]], out_dir: Path, metric: str, t
     writer.writeheader()
     for row in history:
         writer.writerow({k: f"{v:.6g}" for k, v in row.items()})
-    atomic_write(out_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+    atomic_write_text(out_dir / "metrics.csv", text.getvalue())
     epochs = [row["epoch"] for row in history]
     x_range = (0.0, max(max(epochs), 1.0))
     losses = [row[k] for row in history for k in ("train_loss", "val_loss")]

@@ -34,7 +34,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from stoic_ct.atomic import atomic_write
+from stoic_ct.atomic import atomic_write_text
 from stoic_ct.errors import InputError
 from stoic_ct.head_training.evaluation import TaskResult, report
 from stoic_ct.inference.systems import MEMBERS
@@ -287,5 +287,5 @@ def fit_ensemble(
         },
     }
     text = json.dumps(ensemble, indent=1) + "\n"
-    atomic_write(out_dir / ENSEMBLE_WEIGHTS.name, lambda f: f.write(text.encode()))
+    atomic_write_text(out_dir / ENSEMBLE_WEIGHTS.name, text)
     return document

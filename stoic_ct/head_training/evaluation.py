@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
-from stoic_ct.atomic import atomic_write
+from stoic_ct.atomic import atomic_write_text
 from stoic_ct.errors import InputError
 from stoic_ct.head_training.features import FeatureTable, labelled
 from stoic_ct.head_training.training import FitSettings, fit_task, fold_count
@@ -180,7 +180,7 @@ def write_oof(results: dict[str, TaskResult], path: Path) -> Path:
         cells = [f"{values[patient][t]:.6f}" if t in values[patient] else "" for t in STOIC_TASKS]
         lines.append(",".join([patient, *cells]))
     text = "\n".join(lines) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    return atomic_write_text(path, text)
 
 
 def protocol(settings: FitSettings, folds: int, repeats: int) -> dict[str, Any]:
@@ -307,9 +307,9 @@ def report(
     document = about | {"tasks": tasks}
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(document, indent=1) + "\n"
-    atomic_write(out_dir / "report.json", lambda f: f.write(text.encode()))
+    atomic_write_text(out_dir / "report.json", text)
     markdown = _markdown(document)
-    atomic_write(out_dir / "report.md", lambda f: f.write(markdown.encode()))
+    atomic_write_text(out_dir / "report.md", markdown)
     _plots(results, out_dir)
     return document
 

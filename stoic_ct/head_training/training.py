@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from stoic_ct.atomic import atomic_write
+from stoic_ct.atomic import atomic_write_text
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.head_training.features import FeatureTable, labelled
 from stoic_ct.inference.encoders import feature_dim
@@ -343,7 +343,7 @@ def write_heads(
             )
     heads_path = heads.save(out_dir / kind.heads.name)
     text = json.dumps(document, indent=1) + "\n"
-    atomic_write(out_dir / kind.report, lambda f: f.write(text.encode()))
+    atomic_write_text(out_dir / kind.report, text)
     manifest = read_manifest(out_dir)
     if manifest:
         manifest[heads_path.name] = sha256_of(heads_path)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from stoic_ct.atomic import atomic_write
+from stoic_ct.atomic import atomic_write_text
 from stoic_ct.errors import ModelFileError
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -287,4 +287,4 @@ def write_manifest(directory: Path, digests: dict[str, str]) -> Path:
     order = [spec.name for spec in ALL_FILES if spec.name in digests]
     order += sorted(name for name in digests if name not in order)
     text = "".join(f"{digests[name]}  {name}\n" for name in order)
-    return atomic_write(directory / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+    return atomic_write_text(directory / MANIFEST, text)
