@@ -202,7 +202,6 @@ def train_fold(
         return weighted_loss(net(images, metadata).float(), target, class_weight, settings.head)
 
     def train_epoch(epoch: int) -> float:
-        trainer.set_learning_rate(settings.learning_rate(epoch))
         torch.manual_seed(seed_of(settings.seed, fold, epoch, 1))  # drop path
         order = torch.randperm(
             len(train), generator=torch.Generator().manual_seed(seed_of(settings.seed, fold, epoch))
@@ -242,6 +241,7 @@ def train_fold(
         out_dir=out_dir,
         metric_name=metric_name(settings.task),
         title=title,
+        learning_rate=settings.learning_rate,
     )
     logger.info(
         "%s: best epoch %d, %s %.4f",

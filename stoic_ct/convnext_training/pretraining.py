@@ -256,7 +256,6 @@ def pretrain(
     augment = augmentation(settings.augment)
 
     def train_epoch(epoch: int) -> float:
-        trainer.set_learning_rate(settings.learning_rate(epoch))
         torch.manual_seed(seed_of(settings.seed, epoch, 1))
         shuffled = np.random.default_rng(seed_of(settings.seed, epoch)).permutation(train)
         total = 0.0
@@ -298,6 +297,7 @@ def pretrain(
         out_dir=out_dir,
         metric_name="dice" if settings.mode == "segmentation" else "score",
         title=f"pretrain {settings.mode}",
+        learning_rate=settings.learning_rate,
     )
     best = torch.load(out_dir / BEST, map_location="cpu", weights_only=True)
     model.load_state_dict(best)

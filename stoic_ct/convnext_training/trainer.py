@@ -165,7 +165,7 @@ class NetworkSettings:
         if self.schedule == "constant":
             return self.lr
         end = self.schedule_end or self.epochs
-        progress = min(epoch / max(end - 1, 1), 1.0) if end > 1 else 1.0
+        progress = min(epoch / (end - 1), 1.0) if end > 1 else 1.0
         return self.lr_floor + (self.lr - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -290,11 +290,14 @@ def fit(
     out_dir: Path,
     metric_name: str,
     title: str,
+    learning_rate: Callable[[int], float] | None = None,
 ) -> FitOutcome:
     """Run epochs 0..epochs-1, resuming from out_dir/last.pt when it is there.
 
     Args:
         train_epoch: trains one epoch (given its 0-based number); returns the mean loss.
+        learning_rate: the optimiser's learning rate for each 0-based epoch, set before it
+            runs (NetworkSettings.learning_rate); None keeps the optimiser's.
         evaluate: validates the EMA network; a higher metric is better.
         title: names the run in logs and on the learning-curve plot.
     """
@@ -308,6 +311,8 @@ def fit(
         logger.info("%s: resumed after epoch %d of %d", title, len(history), epochs)
     for epoch in range(len(history), epochs):
         started = time.perf_counter()
+        if learning_rate is not None:
+            trainer.set_learning_rate(learning_rate(epoch))
         train_loss = train_epoch(epoch)
         evaluation = evaluate(trainer.averaged)
         row = {

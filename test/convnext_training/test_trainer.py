@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from stoic_ct.convnext_training.recipes import FinetuneSettings
 from stoic_ct.convnext_training.trainer import (
     BEST,
     LAST,
@@ -143,3 +144,33 @@ def test_a_run_folder_is_opened_once_and_resumed_only_with_the_same_settings(
         start_run(out, _Settings(lr=3e-4), resume=True, what="pretraining")
     start_run(out, _Settings(epochs=5), resume=True, what="pretraining")  # more epochs: fine
     assert json.loads((out / "settings.json").read_text())["epochs"] == 5
+
+
+def test_fit_sets_each_epochs_learning_rate_before_it_runs(tmp_path: Path) -> None:
+    """The schedule reaches the optimiser, epoch by epoch, on a resumed run too."""
+    schedule = FinetuneSettings(lr=0.1, schedule="cosine", lr_floor=0.01, epochs=4)
+    seen: list[float] = []
+
+    def run(epochs: int) -> None:
+        trainer = _trainer()
+        x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+
+        def train_epoch(epoch: int) -> float:
+            seen.append(trainer.optimizer.param_groups[0]["lr"])
+            return trainer.step(lambda net, a, b: nn.functional.cross_entropy(net(a), b), x, y)
+
+        fit(
+            trainer,
+            epochs=epochs,
+            train_epoch=train_epoch,
+            evaluate=lambda net: Evaluation(0.5, 0.5, torch.zeros(1)),
+            out_dir=tmp_path,
+            metric_name="auc",
+            title="test",
+            learning_rate=schedule.learning_rate,
+        )
+
+    run(2)
+    run(4)  # resumed after epoch 2
+    assert seen == pytest.approx([schedule.learning_rate(e) for e in range(4)])
+    assert seen[0] == pytest.approx(0.1) and seen[-1] == pytest.approx(0.01)
