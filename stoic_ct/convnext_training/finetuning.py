@@ -50,7 +50,11 @@ from stoic_ct.convnext_training.trainer import (
     start_run,
 )
 from stoic_ct.errors import InputError
-from stoic_ct.inference.classifier import head_probabilities, save_fold_ensemble
+from stoic_ct.inference.classifier import (
+    head_outputs,
+    head_probabilities,
+    save_fold_ensemble,
+)
 from stoic_ct.io.cohort import Patient
 from stoic_ct.logs import configure_logging
 from stoic_ct.models.convnext3d import ConvNeXt3D, load_encoder_of_size
@@ -100,7 +104,7 @@ def build_classifier(settings: FinetuneSettings, init: Path | None) -> ConvNeXt3
     """
     model = ConvNeXt3D(
         settings.size,
-        num_classes=settings.outputs,
+        num_classes=head_outputs(settings.head, len(class_names(settings.task))),
         drop_path_rate=settings.drop_path,
         metadata_dim=len(settings.metadata_names),
     )

@@ -45,11 +45,6 @@ class FinetuneSettings(NetworkSettings):
             raise ValueError(f"a sigmoid head needs a binary task, not {self.task}")
 
     @property
-    def outputs(self) -> int:
-        """The head's outputs: one logit (sigmoid) or one per class (softmax)."""
-        return 1 if self.head == "sigmoid" else len(class_names(self.task))
-
-    @property
     def metadata_names(self) -> tuple[str, ...]:
         """What the network takes beside the image: ("age", "sex") or nothing."""
         return METADATA if self.metadata else ()

@@ -41,6 +41,11 @@ HEADS = ("softmax", "sigmoid")
 METADATA = ("age", "sex")  # Demographics.features: age / 100 clipped, sex 1 / 0 / 0.5
 
 
+def head_outputs(head: str, classes: int) -> int:
+    """The head's logits: one (sigmoid, binary tasks) or one per class (softmax)."""
+    return 1 if head == "sigmoid" else classes
+
+
 def head_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
     """(N, outputs) logits -> (N, C) class probabilities: the softmax, or for one sigmoid
     logit p the two columns (1 - p, p)."""
@@ -119,7 +124,7 @@ class FoldEnsemble:
             raise ModelFileError(
                 problem(spec, f"has head {head!r} and metadata {list(metadata)}"), path
             )
-        outputs = 1 if head == "sigmoid" else len(classes)
+        outputs = head_outputs(head, len(classes))
         models = []
         for number, weights in enumerate(folds, start=1):
             model = ConvNeXt3D(size, num_classes=outputs, metadata_dim=len(metadata))
