@@ -203,24 +203,8 @@ class ModelFiles:
         return path
 
     @property
-    def vit_ct(self) -> Path:
-        return self.path(VIT_CT)
-
-    @property
-    def vit_imagenet(self) -> Path:
-        return self.path(VIT_IMAGENET)
-
-    @property
     def r231(self) -> Path:
         return self.path(R231)
-
-    @property
-    def heads(self) -> Path:
-        return self.path(HEADS)
-
-    @property
-    def convnext3d(self) -> Path:
-        return self.path(CONVNEXT3D)
 
     @property
     def random_recipe(self) -> str | None:

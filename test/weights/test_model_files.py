@@ -13,8 +13,10 @@ from helpers import unprivileged
 from stoic_ct.errors import ModelFileError
 from stoic_ct.weights.model_files import (
     ALL_FILES,
+    HEADS,
     MANIFEST,
     REPOSITORY_MODEL_DIR,
+    VIT_CT,
     ModelFiles,
     default_model_dir,
     encoder_kind,
@@ -55,7 +57,7 @@ def test_an_image_without_model_files_says_how_to_give_them(tmp_path: Path) -> N
 
 def test_missing_file_names_path_and_source(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError) as error:
-        _ = ModelFiles(tmp_path).vit_ct
+        ModelFiles(tmp_path).path(VIT_CT)
     assert str(error.value) == (
         f"{tmp_path}/vitl_16_ct.pth: is missing; expected iBOT ViT-L/16 fine-tuned on lung CT, "
         "a plain state dict (encoder 'full', 24 blocks), published at "
@@ -66,7 +68,7 @@ def test_missing_file_names_path_and_source(tmp_path: Path) -> None:
 def test_a_folder_in_place_of_a_file(tmp_path: Path) -> None:
     (tmp_path / "balaitous.npz").mkdir()
     with pytest.raises(ModelFileError, match="balaitous.npz: is missing"):
-        _ = ModelFiles(tmp_path).heads
+        ModelFiles(tmp_path).path(HEADS)
 
 
 def test_unreadable_file(shared_tmp: Path) -> None:
@@ -75,8 +77,8 @@ def test_unreadable_file(shared_tmp: Path) -> None:
     path.write_bytes(b"x")
     path.chmod(0)
     script = (
-        "from stoic_ct.weights.model_files import ModelFiles; "
-        f"ModelFiles(Path({str(shared_tmp)!r})).vit_ct"
+        "from stoic_ct.weights.model_files import VIT_CT, ModelFiles; "
+        f"ModelFiles(Path({str(shared_tmp)!r})).path(VIT_CT)"
     )
     done = subprocess.run(
         unprivileged([sys.executable, "-c", "from pathlib import Path; " + script]),
