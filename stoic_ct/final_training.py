@@ -56,9 +56,8 @@ from stoic_ct.weights.model_files import (
     R231,
     RANDOM_WEIGHTS_MARKER,
     encoder_kind,
-    read_manifest,
     sha256_of,
-    write_manifest,
+    update_manifest,
 )
 
 logger = logging.getLogger(__name__)
@@ -276,9 +275,7 @@ def complete_model_folder(run: TrainingRun) -> None:
         needed.append(RANDOM_WEIGHTS_MARKER)
     for name in needed:
         source, target = run.model_dir / name, run.output_dir / name
-        if target.exists() and (
-            name == RANDOM_WEIGHTS_MARKER or sha256_of(source) == sha256_of(target)
-        ):
+        if target.exists() and _same_file(source, target):
             continue
         target.unlink(missing_ok=True)
         try:
@@ -291,7 +288,12 @@ def complete_model_folder(run: TrainingRun) -> None:
         if path.is_file()
         and (path.suffix in (".pth", ".npz") or path.name == ENSEMBLE_WEIGHTS.name)
     }
-    kept = {
-        n: d for n, d in read_manifest(run.output_dir).items() if (run.output_dir / n).is_file()
-    }
-    write_manifest(run.output_dir, kept | written)
+    update_manifest(run.output_dir, written)
+
+
+def _same_file(source: Path, target: Path) -> bool:
+    """The same file (a hard link), or a copy of it (copy2 keeps size and modification time)."""
+    if source.samefile(target):
+        return True
+    a, b = source.stat(), target.stat()
+    return (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)

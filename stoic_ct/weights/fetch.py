@@ -39,7 +39,7 @@ from stoic_ct.weights.model_files import (
     ModelFileSpec,
     read_manifest,
     sha256_of,
-    write_manifest,
+    update_manifest,
 )
 
 logger = logging.getLogger(__name__)
@@ -147,16 +147,9 @@ def fetch_weights(dest: Path, sources: Sources, check: Checker) -> dict[str, str
             problems.append(error.message)
             failures.append(spec)
     if digests:
-        # Other files the MANIFEST lists (fitted heads' siblings, the ConvNeXt's fold
-        # ensembles, ensemble.json) stay listed while they are there: export.sh packs
-        # what the MANIFEST lists.
-        published = {spec.name for spec in ALL_FILES}
-        others = {
-            name: digest
-            for name, digest in manifest.items()
-            if name not in published and (dest / name).is_file()
-        }
-        write_manifest(dest, others | digests)
+        # Other files the MANIFEST lists (the ConvNeXt's fold ensembles, ensemble.json)
+        # stay listed while they are there: export.sh packs what the MANIFEST lists.
+        update_manifest(dest, digests, forget={spec.name for spec in ALL_FILES})
     if failures:
         raise FetchError(_by_hand(failures, dest, sources, problems))
     logger.info("%s holds the four model files, checked; sha256 sums in %s/MANIFEST", dest, dest)

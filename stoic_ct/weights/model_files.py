@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,3 +273,14 @@ def write_manifest(directory: Path, digests: dict[str, str]) -> Path:
     order += sorted(name for name in digests if name not in order)
     text = "".join(f"{digests[name]}  {name}\n" for name in order)
     return atomic_write_text(directory / MANIFEST, text)
+
+
+def update_manifest(directory: Path, digests: dict[str, str], forget: Collection[str] = ()) -> Path:
+    """Merge `digests` into `directory/MANIFEST`: the lines it had stay while their file is
+    there, unless named in `forget` (files whose digests the caller decides alone)."""
+    kept = {
+        name: digest
+        for name, digest in read_manifest(directory).items()
+        if name not in forget and (directory / name).is_file()
+    }
+    return write_manifest(directory, kept | digests)

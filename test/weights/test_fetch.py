@@ -144,6 +144,22 @@ def test_a_changed_file_is_fetched_again(
     assert path.read_bytes() == published_bytes["vitl_16_ct.pth"]
 
 
+def test_the_manifest_keeps_the_lines_of_other_files_that_are_there(
+    server: FileServer, published_bytes: dict[str, bytes], tmp_path: Path
+) -> None:
+    """export.sh packs what the MANIFEST lists: a trained model folder's other files
+    (ensemble.json, the fold ensembles) stay listed; a line whose file is gone goes."""
+    fetch_weights(tmp_path, sources(server, published_bytes), check_model_file)
+    (tmp_path / "ensemble.json").write_text("{}")
+    with (tmp_path / "MANIFEST").open("a") as manifest:
+        manifest.write(f"{_sha(b'{}')}  ensemble.json\n{_sha(b'gone')}  convnext3d_covid.pth\n")
+    fetch_weights(tmp_path, sources(server, published_bytes), check_model_file)
+    listed = read_manifest(tmp_path)
+    assert listed["ensemble.json"] == _sha(b"{}")
+    assert "convnext3d_covid.pth" not in listed
+    assert set(listed) == {*NAMES, "ensemble.json"}
+
+
 def test_files_put_by_hand_are_checked_and_kept(
     server: FileServer, published_bytes: dict[str, bytes], tmp_path: Path
 ) -> None:
