@@ -180,15 +180,20 @@ def fit_task(
 
 
 def task_data(
-    reference: Path, systems: dict[str, Predictions], task: str
+    reference: Path,
+    labels: dict[str, tuple[int, int]],
+    systems: dict[str, Predictions],
+    task: str,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """The task's patients (by the STOIC rule) that every system predicts: (N,) IDs,
     (N,) labels and each system's (N,) probabilities.
 
+    Args:
+        reference, labels: the reference.csv and what read_reference read from it.
+
     Raises:
         InputError: when no such patient is left.
     """
-    labels = read_reference(reference)
     ids = np.array(sorted(labels), dtype=str)
     covid = np.array([labels[i][0] for i in ids])
     severe = np.array([labels[i][1] for i in ids])
@@ -210,7 +215,7 @@ def task_data(
             f"no {task} patient of the reference is predicted by both systems", reference
         )
     chosen = np.array(both, dtype=str)
-    y = (covid if task == "covid" else severe)[rows][np.isin(candidates, chosen)].astype(int)
+    y = np.array([labels[p][STOIC_TASKS.index(task)] for p in chosen], dtype=int)
     probabilities = {
         name: np.array([predictions[task][p] for p in chosen])
         for name, predictions in systems.items()
@@ -241,9 +246,10 @@ def fit_ensemble(
         "balaitous": read_oof_predictions(balaitous),
         "convnext3d": read_oof_predictions(convnext),
     }
+    labels = read_reference(reference)
     fitted: dict[str, TaskEnsemble] = {}
     for task in STOIC_TASKS:
-        ids, y, p = task_data(reference, systems, task)
+        ids, y, p = task_data(reference, labels, systems, task)
         fitted[task] = fit_task(
             task, ids, y, p["balaitous"], p["convnext3d"], folds=folds, repeats=repeats, seed=seed
         )
