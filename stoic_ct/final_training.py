@@ -47,7 +47,6 @@ from stoic_ct.inference.pipeline import Balaitous
 from stoic_ct.inference.precision import ModelSettings
 from stoic_ct.io.cohort import Patient, read_cohort, shard
 from stoic_ct.io.orientation import Orientation
-from stoic_ct.logs import configure_logging
 from stoic_ct.parallel import on_devices
 from stoic_ct.preprocessing.cubes import task_patients
 from stoic_ct.weights.model_files import (
@@ -206,8 +205,6 @@ class ShardJob:
 def extract_shard(device: torch.device, job: ShardJob) -> FeatureTable:
     """The features of one shard of the cohort, on `device` (in a process of its own when
     there are several devices)."""
-    if job.count > 1:
-        configure_logging(information_to_stdout=True)
     run = job.run
     with_r231 = run.lung_masks is None
     model = Balaitous.feature_extractor(

@@ -1,8 +1,9 @@
 """Training on every device it is given: one process per device, each with its own share.
 
 `training_devices` turns `--devices` into devices; `on_devices` runs one job per device in
-spawned processes (CUDA cannot be shared with a forked child) and returns their results in
-order. With one job it runs in this process, so a single-GPU or CPU run is unchanged.
+spawned processes (CUDA cannot be shared with a forked child), each logging as the entry
+points do, and returns their results in order. With one job it runs in this process, so
+a single-GPU or CPU run is unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TypeVar
 import torch
 
 from stoic_ct.errors import StoicError
+from stoic_ct.logs import configure_logging
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -61,5 +63,11 @@ def on_devices(
         return [work(device, job)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=len(jobs), mp_context=context) as pool:
-        futures = [pool.submit(work, device, job) for device, job in jobs]
+        futures = [pool.submit(_in_child, work, device, job) for device, job in jobs]
         return [future.result() for future in futures]
+
+
+def _in_child(work: Callable[[torch.device, J], R], device: torch.device, job: J) -> R:
+    # A spawned process starts without the entry point's logging: set it up the same way.
+    configure_logging(information_to_stdout=True)
+    return work(device, job)

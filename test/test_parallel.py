@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -30,3 +32,16 @@ def test_jobs_run_in_processes_and_their_errors_keep_the_file() -> None:
     with pytest.raises(InputError) as error:
         on_devices(fail_on_the_second, [(CPU, 1), (CPU, 2)])
     assert str(error.value) == "/data/scan-2.mha: cannot be read"
+
+
+def log_the_job(device: torch.device, job: int) -> int:
+    logging.getLogger("stoic_ct.test").info("job %d on %s", job, device)
+    return job
+
+
+def test_jobs_in_child_processes_log_as_the_entry_points_do(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    assert on_devices(log_the_job, [(CPU, 1), (CPU, 2)]) == [1, 2]
+    out = capfd.readouterr().out
+    assert "job 1 on cpu" in out and "job 2 on cpu" in out

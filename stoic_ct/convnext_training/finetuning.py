@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import logging
-import multiprocessing
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -56,7 +55,6 @@ from stoic_ct.inference.classifier import (
     save_fold_ensemble,
 )
 from stoic_ct.io.cohort import Patient
-from stoic_ct.logs import configure_logging
 from stoic_ct.models.convnext3d import ConvNeXt3D, load_encoder_of_size
 from stoic_ct.parallel import on_devices
 from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
@@ -278,8 +276,6 @@ def train_folds(device: torch.device, job: FoldJob) -> list[tuple[int, np.ndarra
     """Train `job`'s folds on `device`, one after the other: (fold, (V, C) best validation
     probabilities, metric) each. Runs in a process of its own when there are several
     devices (stoic_ct.parallel)."""
-    if multiprocessing.parent_process() is not None:
-        configure_logging(information_to_stdout=True)
     results = []
     for fold, train, valid in job.folds:
         best, metric = train_fold(
