@@ -1,7 +1,9 @@
 """The one place that knows the model files: their names, sources, licences and digests.
 
 A model directory holds the four files under their published names, and a `MANIFEST` of
-their sha256 sums once `fetch-weights` has checked them. Every loader goes through
+their sha256 sums once `fetch-weights` has checked them; a folder that training wrote also
+holds `system.json`, which says which system it holds (`system_files` lists what each
+needs). Every loader goes through
 `ModelFiles`, so a missing file always stops the run with a message that names the file,
 what was expected and where it is published. This module needs only the standard library,
 so that scripts on a host without the project's packages can use it.
@@ -59,7 +61,7 @@ R231 = ModelFileSpec(
 HEADS = ModelFileSpec(
     "balaitous.npz",
     "the four logistic regressions of Balaitous (coef_*, intercept_*, alpha_*)",
-    "https://pypi.org/project/balaitous/1.2/ (in the wheel: assets/balaitous.npz)",
+    "the balaitous 1.2 wheel on the Python package index (its assets/balaitous.npz)",
     "MIT (Balaitous)",
 )
 ALL_FILES = (VIT_CT, VIT_IMAGENET, R231, HEADS)
@@ -148,6 +150,35 @@ ENSEMBLE_WEIGHTS = ModelFileSpec(
     "yours",
 )
 MODEL_KINDS = ("balaitous", "convnext3d", "ensemble")
+# What a model folder holds, and where it came from (stoic_ct.weights.system_record). A
+# folder without it holds the published Balaitous files.
+SYSTEM_RECORD = ModelFileSpec(
+    "system.json",
+    "the model folder's record: the system it holds (balaitous, convnext3d or ensemble), "
+    "its encoder choice, the files that system needs and where they came from",
+    "written by train.py, fit-heads and install-heads into a model folder, and by "
+    "fit-ensemble --model-dir",
+    "yours",
+)
+
+
+def system_files(system: str, encoder: str = "vit") -> tuple[ModelFileSpec, ...]:
+    """The model files `system` (one of MODEL_KINDS) needs with the encoder choice `encoder`.
+
+    Raises:
+        ValueError: for an unknown system or encoder.
+    """
+    kind = encoder_kind(encoder)
+    balaitous = (*kind.files, R231, kind.heads)
+    convnext = (CONVNEXT_COVID, CONVNEXT_SEVERE)
+    needs = {
+        "balaitous": balaitous,
+        "convnext3d": convnext,
+        "ensemble": (*balaitous, *convnext, ENSEMBLE_WEIGHTS),
+    }
+    if system not in needs:
+        raise ValueError(f"system must be one of {', '.join(MODEL_KINDS)}, not {system!r}")
+    return needs[system]
 
 
 def default_model_dir(
