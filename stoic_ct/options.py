@@ -1,5 +1,5 @@
 """The model options every command that runs a model takes: process.py, train.py and the
-`predict` and `extract-features` commands."""
+`predict`, `serve` and `extract-features` commands."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from stoic_ct.inference.precision import PRECISIONS, ModelSettings, resolve_device
 from stoic_ct.io.orientation import ORIENTATIONS
-from stoic_ct.weights.model_files import ENCODER_ALIASES, ENCODER_KINDS
+from stoic_ct.weights.model_files import ENCODER_ALIASES, ENCODER_KINDS, MODEL_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,11 @@ def encoder_name(value: str) -> str:
     return new
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, device: bool = True, system: bool = False
+) -> None:
     """--model-dir, --precision, --device (unless `device` is False: train.py has
-    --devices), --encoder and --orientation."""
+    --devices), --encoder and --orientation; with `system`, --model too."""
     parser.add_argument(
         "--model-dir",
         type=Path,
@@ -39,6 +41,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) ->
         help="folder with the model files (default: /opt/ml/model when it holds them, "
         "else the repository's model/)",
     )
+    if system:
+        parser.add_argument(
+            "--model",
+            choices=MODEL_KINDS,
+            default=None,
+            help="the system to run instead of the one the model folder holds (its "
+            "system.json; balaitous, the published model, without one): balaitous, "
+            "convnext3d (the fine-tuned 3D ConvNeXt fold ensembles) or ensemble (both, "
+            "averaged with the weights of ensemble.json)",
+        )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -57,9 +69,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) ->
         "--encoder",
         type=encoder_name,
         choices=ENCODER_KINDS,
-        default="vit",
-        help="the frozen encoders under the logistic heads. vit: the published Balaitous "
-        "ViTs (default); convnext3d-frozen: the 3D ConvNeXt of convnext3d.pth with the heads "
+        default=None,
+        help="the frozen encoders under the logistic heads (default: the model folder's "
+        "choice, in its system.json; vit without one). vit: the published Balaitous "
+        "ViTs; convnext3d-frozen: the 3D ConvNeXt of convnext3d.pth with the heads "
         "of convnext3d_heads.npz (formerly 'convnext3d', still accepted for one release)",
     )
     parser.add_argument(

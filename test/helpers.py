@@ -93,30 +93,30 @@ def resident_bytes(path: Path) -> int:
 
 
 def assert_process_py_uses(
-    model_dir: Path, work: Path, encoder: str = "vit", model: str = "balaitous"
+    model_dir: Path, work: Path, encoder: str | None = None, model: str | None = None
 ) -> str:
-    """process.py --model MODEL, in a subprocess on a thin phantom, gives what the system
-    built in this process from `model_dir`'s files gives (within 1e-6): it loaded those
-    files.
+    """process.py (with --model MODEL and --encoder ENCODER where given; without them it
+    runs what the folder holds), in a subprocess on a thin phantom, gives what the system
+    loaded in this process from `model_dir` gives (within 1e-6): it loaded those files.
 
     Returns:
-        process.py's stderr.
+        process.py's stdout and stderr.
     """
     import json
 
     from stoic_ct.inference.precision import ModelSettings
-    from stoic_ct.inference.systems import load_system
+    from stoic_ct.inference.systems import load_model_folder
     from stoic_ct.io.contract import demographics_for, read_job_inputs
     from stoic_ct.io.imageio import read_scan
 
     image = write_case(work / "input", THIN_PHANTOM)
+    flags = [*(("--encoder", encoder) if encoder else ()), *(("--model", model) if model else ())]
     done = subprocess.run(
         [
             sys.executable,
             str(REPOSITORY / "process.py"),
             *("--input", str(work / "input"), "--output", str(work / "output")),
-            *("--model-dir", str(model_dir), "--device", "cpu", "--encoder", encoder),
-            *("--model", model),
+            *("--model-dir", str(model_dir), "--device", "cpu", *flags),
         ],
         capture_output=True,
         text=True,
@@ -124,7 +124,7 @@ def assert_process_py_uses(
     )
     assert done.returncode == 0, done.stderr
     scan = read_scan(image)
-    system = load_system(model, model_dir, ModelSettings(encoder=encoder))
+    system, _ = load_model_folder(model_dir, ModelSettings(encoder=encoder), system=model)
     expected = system.predict(scan.volume, demographics_for(scan, read_job_inputs(work / "input")))
     for name, value in (
         ("probability-covid-19.json", expected.probabilities.covid),
@@ -132,7 +132,7 @@ def assert_process_py_uses(
     ):
         got = json.loads((work / "output" / name).read_text())
         assert abs(got - value) <= 1e-6, name
-    return done.stderr
+    return done.stdout + done.stderr
 
 
 def write_dicom_series(

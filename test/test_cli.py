@@ -1,8 +1,10 @@
-"""`python -m stoic_ct predict` and `phantom`: many scans, masks, CSV, QC pictures, failures."""
+"""`python -m stoic_ct predict`, `check-model` and `phantom`: many scans, masks, CSV, QC
+pictures, failures."""
 
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from stoic_ct.io.imageio import read_scan
 from stoic_ct.phantom import PhantomSpec
 from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
 from stoic_ct.preprocessing.resampling import resample
+from stoic_ct.weights.model_files import ALL_FILES, sha256_of, write_manifest
 
 
 def write_mask(image: Path, mask_path: Path) -> Path:
@@ -203,6 +206,30 @@ def test_predict_runs_the_unet_by_default(
         == 0
     )
     assert capsys.readouterr().out.startswith(f"{image}\tP(COVID-19)=")
+
+
+def test_predict_refuses_what_the_convnext_cannot_do(
+    tiny_model_dir: Path, two_scans: list[tuple[Path, Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fine-tuned ConvNeXt sees the whole scan: no lung mask, no QC picture of one."""
+    (image, mask), _ = two_scans
+    common = ["predict", str(image), "--model-dir", str(tiny_model_dir), "--model", "convnext3d"]
+    for extra in (["--lung-mask", str(mask)], ["--qc", "qc"]):
+        assert main([*common, *extra]) == 1
+        assert f"{extra[0]} is for Balaitous and the ensemble" in caplog.text
+        caplog.clear()
+
+
+def test_check_model(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the folder holds, each file checked against its MANIFEST."""
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    write_manifest(folder, {s.name: sha256_of(folder / s.name) for s in ALL_FILES})
+    assert main(["check-model", "--model-dir", str(folder)]) == 0
+    assert "system balaitous (encoder vit)" in capsys.readouterr().out
+    (folder / "MANIFEST").unlink()
+    assert main(["check-model", "--model-dir", str(folder)]) == 1
 
 
 def test_phantom_command(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from stoic_ct.inference.batch import append_row, collected_warnings, qc_file_nam
 from stoic_ct.io.demographics import parse_age, resolve_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.options import add_model_arguments, model_settings
+from stoic_ct.runtime import log_runtime
 from stoic_ct.weights.model_files import (
     default_model_dir,
 )
@@ -27,8 +28,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     predict = commands.add_parser(
         "predict",
         help="P(COVID-19) and P(severe COVID-19) for each scan",
-        description="Run Balaitous on each scan (.mha, .mhd, .nii.gz, .nrrd or a DICOM folder). "
-        "Models load once. Results go to stdout, one line per scan, and to --csv.",
+        description="Run the system the model folder holds (its system.json; Balaitous for "
+        "the published files; --model chooses another) on each scan (.mha, .mhd, .nii.gz, "
+        ".nrrd or a DICOM folder). Models load once. Results go to stdout, one line per "
+        "scan, and to --csv.",
     )
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument(
@@ -63,14 +66,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         metavar="FILE",
         help="a lung label image to use instead of the U-Net (labels 1 right, 2 left, or a "
-        "binary mask), any geometry; give it once per IMAGE, in the same order",
+        "binary mask), any geometry; give it once per IMAGE, in the same order (Balaitous "
+        "and the ensemble; the convnext3d system uses none)",
     )
     predict.add_argument(
         "--qc",
         type=Path,
         default=None,
         metavar="DIR",
-        help="write a quality-control PNG per scan to this folder",
+        help="write a quality-control PNG per scan to this folder: what Balaitous saw "
+        "(Balaitous and the ensemble)",
     )
     predict.add_argument(
         "--batch-size",
@@ -78,14 +83,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         help="slices per encoder batch (default: 32 on a GPU, 16 on a CPU)",
     )
-    add_model_arguments(predict)
+    add_model_arguments(predict, system=True)
     predict.set_defaults(handler=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """The `predict` command; 0 when every scan gave a result, 1 otherwise."""
-    from stoic_ct.inference.pipeline import Balaitous
+    log_runtime()
     from stoic_ct.inference.qc import write_qc
+    from stoic_ct.inference.systems import balaitous_part, load_model_folder
+    from stoic_ct.weights.system_record import choose
 
     masks: list[Path | None] = list(args.lung_mask) if args.lung_mask else [None] * len(args.images)
     if len(masks) != len(args.images):
@@ -99,12 +106,23 @@ def run_predict(args: argparse.Namespace) -> int:
         raise StoicError("--resume needs --csv: the results table tells which scans are done")
     model_dir = args.model_dir or default_model_dir()
     settings = model_settings(args)
+    if (args.model or choose(model_dir).system) == "convnext3d":
+        for flag, given in (("--lung-mask", args.lung_mask), ("--qc", args.qc)):
+            if given is not None:
+                raise StoicError(
+                    f"{flag} is for Balaitous and the ensemble: the convnext3d system sees "
+                    "the whole scan, without a lung mask"
+                )
     started = time.perf_counter()
-    model = Balaitous.from_model_dir(
-        model_dir, settings, lung_masks="r231" if args.lung_mask is None else "given"
+    model, choice = load_model_folder(
+        model_dir,
+        settings,
+        system=args.model,
+        lung_masks="r231" if args.lung_mask is None else "given",
     )
     logger.info(
-        "models loaded from %s on %s in %.1f s",
+        "%s loaded from %s on %s in %.1f s",
+        choice.system,
         model_dir,
         settings.device,
         time.perf_counter() - started,
@@ -155,7 +173,7 @@ def run_predict(args: argparse.Namespace) -> int:
             if args.csv is not None:
                 append_row(args.csv, row)
             continue
-        p = result.probabilities
+        p, seen = result.probabilities, balaitous_part(result)
         row |= {
             "probability_covid_19": f"{p.covid:.6f}",
             "probability_severe_covid_19": f"{p.severe:.6f}",
@@ -163,7 +181,8 @@ def run_predict(args: argparse.Namespace) -> int:
             "age_source": demographics.age_source,
             "sex": demographics.sex or "",
             "sex_source": demographics.sex_source,
-            "lung_found": result.slices.lung_found,
+            "lung_found": "" if seen is None else seen.slices.lung_found,
+            "system": choice.system,
         }
         if args.csv is not None:
             append_row(args.csv, row)
@@ -173,8 +192,8 @@ def run_predict(args: argparse.Namespace) -> int:
             f"{image_path}\tP(COVID-19)={p.covid:.4f}\tP(severe COVID-19)={p.severe:.4f}",
             flush=True,
         )
-        if args.qc is not None:
-            png = write_qc(result, str(image_path), args.qc / qc_name, warnings)
+        if args.qc is not None and seen is not None:
+            png = write_qc(seen, str(image_path), args.qc / qc_name, warnings)
             logger.info("quality-control picture: %s", png)
 
     if args.csv is not None:

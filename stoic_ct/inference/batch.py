@@ -23,6 +23,7 @@ CSV_COLUMNS = (
     "sex",
     "sex_source",
     "lung_found",
+    "system",
     "warnings",
     "error",
 )

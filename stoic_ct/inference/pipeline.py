@@ -45,6 +45,7 @@ from stoic_ct.weights.model_files import (
     encoder_kind,
     problem,
 )
+from stoic_ct.weights.system_record import choose
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class Balaitous:
         cls, model_dir: Path, settings: ModelSettings, lung_masks: LungMasks, with_heads: bool
     ) -> Balaitous:
         try:
-            kind = encoder_kind(settings.encoder)
+            kind = encoder_kind(settings.encoder or choose(model_dir).encoder)
         except ValueError as error:
             raise StoicError(str(error)) from None
         files = ModelFiles(model_dir)

@@ -48,13 +48,14 @@ class ModelSettings:
     Attributes:
         device: where they run (default: the CPU).
         precision: "exact" (the published numbers) or "fast".
-        encoder: the frozen encoders under the heads (stoic_ct.weights.model_files.ENCODER_CHOICES).
+        encoder: the frozen encoders under the heads (stoic_ct.weights.model_files.ENCODER_CHOICES);
+            None: the model folder's choice (its system.json; the ViTs without one).
         batch_size: slices per ViT batch (default: 32 on a GPU, 16 on a CPU).
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "exact"
-    encoder: str = "vit"
+    encoder: str | None = None
     batch_size: int | None = None
 
     def __post_init__(self) -> None:

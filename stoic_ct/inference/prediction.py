@@ -23,6 +23,12 @@ class Prediction:
 
 
 class System(Protocol):
-    """A model that predicts both outputs for one CT (`process.py --model`)."""
+    """A model that predicts both outputs for one CT (`process.py --model`).
 
-    def predict(self, volume: Volume, demographics: Demographics) -> Prediction: ...
+    `lung_labels` is a lung label image of any geometry to use instead of the system's lung
+    segmenter, for the systems that segment the lungs.
+    """
+
+    def predict(
+        self, volume: Volume, demographics: Demographics, lung_labels: Volume | None = None
+    ) -> Prediction: ...

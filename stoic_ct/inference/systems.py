@@ -1,9 +1,10 @@
-"""The three systems `process.py --model` can run: balaitous, convnext3d, ensemble.
+"""The three systems a model folder can hold: balaitous, convnext3d, ensemble.
 
 Each takes a CT volume and the patient's demographics and gives P(COVID-19) and
 P(severe COVID-19) with per-stage times. `convnext3d` is the fine-tuned 3D ConvNeXt
 (one fold ensemble per task); `ensemble` averages the two systems' probabilities with
-the weights of the model folder's ensemble.json.
+the weights of the model folder's ensemble.json. `load_model_folder` is the one way the
+entry points load a system: the one the folder's system.json names, unless overridden.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stoic_ct.errors import ModelFileError, StoicError
 from stoic_ct.inference.classifier import FoldEnsemble
-from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.inference.pipeline import Balaitous, BalaitousPrediction, LungMasks
 from stoic_ct.inference.precision import EXACT_ON_CPU, ModelSettings
 from stoic_ct.inference.prediction import Prediction, System
 from stoic_ct.io.demographics import Demographics
@@ -29,6 +31,7 @@ from stoic_ct.weights.model_files import (
     ModelFiles,
     problem,
 )
+from stoic_ct.weights.system_record import FolderChoice, choose
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,16 @@ class ConvNeXtSystem:
             FoldEnsemble.load(files.path(CONVNEXT_SEVERE), CONVNEXT_SEVERE, device, precision),
         )
 
-    def predict(self, volume: Volume, demographics: Demographics) -> Prediction:
-        """Both probabilities; age and sex go to the networks that take them (metadata)."""
+    def predict(
+        self, volume: Volume, demographics: Demographics, lung_labels: Volume | None = None
+    ) -> Prediction:
+        """Both probabilities; age and sex go to the networks that take them (metadata).
+
+        Raises:
+            StoicError: when given a lung mask: the ConvNeXt sees the whole volume.
+        """
+        if lung_labels is not None:
+            raise StoicError("the convnext3d system takes no lung mask: it sees the whole scan")
         started = time.perf_counter()
         cube = self.covid.cube(volume)
         same_input = (self.severe.input_size, self.severe.window) == (
@@ -111,24 +122,54 @@ def read_ensemble_weights(path: Path) -> dict[str, dict[str, float]]:
     return weights
 
 
+@dataclass(frozen=True)
+class EnsemblePrediction(Prediction):
+    """The ensemble's Prediction, with each member's (by name)."""
+
+    members: dict[str, Prediction]
+
+
 class EnsembleSystem:
     """Balaitous and the fine-tuned ConvNeXt, their probabilities averaged with weights."""
 
     def __init__(self, members: dict[str, System], weights: dict[str, dict[str, float]]) -> None:
         self.members, self.weights = members, weights
 
-    def predict(self, volume: Volume, demographics: Demographics) -> Prediction:
-        outcomes = {name: m.predict(volume, demographics) for name, m in self.members.items()}
+    def predict(
+        self, volume: Volume, demographics: Demographics, lung_labels: Volume | None = None
+    ) -> EnsemblePrediction:
+        """The weighted average; a given lung mask goes to Balaitous."""
+        outcomes = {
+            name: m.predict(volume, demographics, lung_labels if name == "balaitous" else None)
+            for name, m in self.members.items()
+        }
         covid = sum(self.weights["covid"][n] * o.probabilities.covid for n, o in outcomes.items())
         severe = sum(
             self.weights["severe"][n] * o.probabilities.severe for n, o in outcomes.items()
         )
         seconds = {f"{n}: {k}": v for n, o in outcomes.items() for k, v in o.seconds.items()}
-        return Prediction(Probabilities(covid=covid, severe=severe), seconds)
+        return EnsemblePrediction(Probabilities(covid=covid, severe=severe), seconds, outcomes)
 
 
-def load_system(kind: str, model_dir: Path, settings: ModelSettings = EXACT_ON_CPU) -> System:
-    """The system `kind` (MODEL_KINDS) with its files from `model_dir`.
+def balaitous_part(prediction: Prediction) -> BalaitousPrediction | None:
+    """What Balaitous saw and gave, in a prediction of Balaitous or of the ensemble."""
+    if isinstance(prediction, EnsemblePrediction):
+        prediction = prediction.members.get("balaitous", prediction)
+    return prediction if isinstance(prediction, BalaitousPrediction) else None
+
+
+def load_system(
+    kind: str,
+    model_dir: Path,
+    settings: ModelSettings = EXACT_ON_CPU,
+    *,
+    lung_masks: LungMasks = "r231",
+) -> System:
+    """The system `kind` (MODEL_KINDS) with its files from `model_dir`, whatever the folder's
+    record says (load_model_folder reads it).
+
+    Args:
+        lung_masks: Balaitous's lung segmenter ("r231", "given" or a segmenter).
 
     Raises:
         ModelFileError: when a file it needs is missing or malformed.
@@ -136,13 +177,38 @@ def load_system(kind: str, model_dir: Path, settings: ModelSettings = EXACT_ON_C
     if kind not in MODEL_KINDS:
         raise StoicError(f"model must be one of {', '.join(MODEL_KINDS)}, not {kind!r}")
     if kind == "balaitous":
-        return Balaitous.from_model_dir(model_dir, settings)
+        return Balaitous.from_model_dir(model_dir, settings, lung_masks=lung_masks)
     if kind == "convnext3d":
         return ConvNeXtSystem.from_model_dir(model_dir, settings)
     weights = read_ensemble_weights(model_dir / ENSEMBLE_WEIGHTS.name)
     logger.info("ensemble weights: covid %s; severe %s", weights["covid"], weights["severe"])
     members: dict[str, System] = {
-        "balaitous": Balaitous.from_model_dir(model_dir, settings),
+        "balaitous": Balaitous.from_model_dir(model_dir, settings, lung_masks=lung_masks),
         "convnext3d": ConvNeXtSystem.from_model_dir(model_dir, settings),
     }
     return EnsembleSystem(members, weights)
+
+
+def load_model_folder(
+    model_dir: Path,
+    settings: ModelSettings = EXACT_ON_CPU,
+    *,
+    system: str | None = None,
+    lung_masks: LungMasks = "r231",
+) -> tuple[System, FolderChoice]:
+    """The system `model_dir` holds (its system.json's; the published Balaitous without
+    one), or `system` and `settings.encoder` where given instead, loaded once.
+
+    Returns:
+        the loaded system, and what was chosen (logged, with the record's origin).
+
+    Raises:
+        ModelFileError: when system.json is malformed or names a file the folder lacks, or
+            a file the system needs is missing or malformed.
+    """
+    choice = choose(model_dir, system, settings.encoder)
+    logger.info("model folder %s: %s", model_dir, choice.describe(model_dir))
+    loaded = load_system(
+        choice.system, model_dir, replace(settings, encoder=choice.encoder), lung_masks=lung_masks
+    )
+    return loaded, choice

@@ -1,4 +1,5 @@
-"""process.py --model convnext3d | ensemble, and the pretraining that finetune starts from."""
+"""The systems a model folder holds (system.json) and process.py --model convnext3d |
+ensemble, and the pretraining that finetune starts from."""
 
 from __future__ import annotations
 
@@ -12,16 +13,24 @@ import torch
 import process
 from helpers import write_case
 from stoic_ct.convnext_training.pretraining import PretrainSettings, load_segmenter, pretrain
-from stoic_ct.errors import InputError
+from stoic_ct.errors import InputError, StoicError
 from stoic_ct.inference.classifier import save_fold_ensemble
 from stoic_ct.inference.pipeline import Balaitous
-from stoic_ct.inference.systems import ConvNeXtSystem, read_ensemble_weights
+from stoic_ct.inference.systems import (
+    ConvNeXtSystem,
+    EnsembleSystem,
+    balaitous_part,
+    load_model_folder,
+    read_ensemble_weights,
+)
 from stoic_ct.io.cohort import read_cohort
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.models.convnext3d import ConvNeXt3D
 from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
 from stoic_ct.preprocessing.cubes import LESION_DIR, task_patients
+from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
+from stoic_ct.weights.system_record import origin, write_system_record
 
 CPU = torch.device("cpu")
 
@@ -54,12 +63,13 @@ def model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return directory
 
 
-def _run(model_dir: Path, work: Path, kind: str) -> tuple[int, dict[str, float]]:
+def _run(model_dir: Path, work: Path, kind: str | None) -> tuple[int, dict[str, float]]:
     write_case(work / "input")
     status = process.main(
         [
             "--input", str(work / "input"), "--output", str(work / "output"),
-            "--model-dir", str(model_dir), "--device", "cpu", "--model", kind,
+            "--model-dir", str(model_dir), "--device", "cpu",
+            *(("--model", kind) if kind else ()),
         ]
     )  # fmt: skip
     outputs = {p.name: json.loads(p.read_text()) for p in (work / "output").glob("*.json")}
@@ -93,6 +103,40 @@ def test_process_py_runs_the_convnext_and_the_ensemble(
     assert ensemble[name] == pytest.approx(0.25 * balaitous[name] + 0.75 * convnext[name])
     name = "probability-severe-covid-19.json"
     assert ensemble[name] == pytest.approx(balaitous[name])
+
+
+def test_the_folder_says_which_system_runs(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """load_model_folder runs what system.json names; --model overrides it, and says so;
+    a lung mask goes to Balaitous inside the ensemble, and the ConvNeXt refuses one."""
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    weights = {
+        "covid": {"balaitous": 1, "convnext3d": 1},
+        "severe": {"balaitous": 0, "convnext3d": 1},
+    }
+    (folder / "ensemble.json").write_text(json.dumps(weights))
+    assert isinstance(load_model_folder(folder)[0], Balaitous)  # no record: the published
+    write_system_record(folder, "convnext3d", "vit", origin("test"))
+    loaded, choice = load_model_folder(folder)
+    assert isinstance(loaded, ConvNeXtSystem) and choice.system == "convnext3d"
+    volume = read_scan(write_case(tmp_path / "case")).volume
+    with pytest.raises(StoicError, match="the convnext3d system takes no lung mask"):
+        loaded.predict(volume, Demographics(), lung_labels=volume)
+    write_system_record(folder, "ensemble", "vit", origin("test"))
+    ensemble, _ = load_model_folder(folder, lung_masks=threshold_lungs)
+    assert isinstance(ensemble, EnsembleSystem)
+    result = ensemble.predict(volume, Demographics())
+    seen = balaitous_part(result)
+    assert seen is not None and seen.slices.lung_found
+    caplog.clear()
+    overridden, choice = load_model_folder(folder, system="balaitous")
+    assert isinstance(overridden, Balaitous) and choice.system == "balaitous"
+    assert f"--model balaitous overrides what {folder}/system.json holds: ensemble" in caplog.text
+    status, outputs = _run(folder, tmp_path / "no-flag", None)
+    assert status == 0 and outputs["probability-severe-covid-19.json"] == pytest.approx(
+        result.probabilities.severe, abs=1e-6
+    )
 
 
 def test_missing_or_bad_ensemble_files_are_named(
