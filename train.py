@@ -39,7 +39,9 @@ from typing import Any
 from stoic_ct.errors import StoicError
 from stoic_ct.logs import configure_logging
 from stoic_ct.options import add_model_arguments
+from stoic_ct.runtime import log_runtime
 from stoic_ct.weights.model_files import default_model_dir
+from stoic_ct.weights.system_record import invoked_as
 
 logger = logging.getLogger("stoic_ct.train")
 
@@ -118,21 +120,26 @@ def convnext_values(pairs: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, write; 0 on success, 1 with a one-line message otherwise."""
     args = parse_args(argv)
+    invoked_as("train.py", sys.argv[1:] if argv is None else argv)
     configure_logging(information_to_stdout=True)
+    log_runtime()
     try:
         from stoic_ct.final_training import TrainingRun, train
         from stoic_ct.head_training.training import FitSettings
         from stoic_ct.inference.precision import ModelSettings
         from stoic_ct.parallel import training_devices
+        from stoic_ct.weights.system_record import choose
 
         devices = training_devices(args.devices)
+        model_dir = args.model_dir or default_model_dir()
+        encoder = choose(model_dir, encoder=args.encoder).encoder
         run = TrainingRun(
             input_dir=args.input,
             output_dir=args.output,
             scratch_dir=args.scratch,
-            model_dir=args.model_dir or default_model_dir(),
+            model_dir=model_dir,
             system=args.system,
-            model=ModelSettings(devices[0], args.precision, args.encoder),
+            model=ModelSettings(devices[0], args.precision, encoder),
             devices=tuple(devices),
             orientation=args.orientation,
             lung_masks=args.lung_masks,

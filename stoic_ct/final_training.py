@@ -10,10 +10,13 @@ ensemble, trained on a cohort in the training layout, into one complete model fo
                 (OUTPUT/ensemble.json, OUTPUT/ensemble-report/)
 
 The encoders and the U-Net (and the RANDOM_WEIGHTS marker, where there is one) are copied
-from the model folder, and OUTPUT/MANIFEST lists every model file: OUTPUT is a --model-dir
-for process.py and what export.sh packs. Everything slow is kept under SCRATCH, so a run
-started again after an interruption resumes: cached features and cubes, and each fold's
-last.pt. OUTPUT/training.json records the settings and the time of each stage.
+from the model folder, OUTPUT/MANIFEST lists every model file, and OUTPUT/system.json says
+which system the folder holds (balaitous, convnext3d, or ensemble for both) with the
+cohort's size and the out-of-fold AUCs: OUTPUT is a --model-dir for process.py and the
+server, which run that system with no option, and what export.sh packs. Everything slow
+is kept under SCRATCH, so a run started again after an interruption resumes: cached
+features and cubes, and each fold's last.pt. OUTPUT/training.json records the settings
+and the time of each stage.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ from stoic_ct.convnext_training.finetuning import finetune
 from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
 from stoic_ct.ensemble.fitting import fit_ensemble
 from stoic_ct.errors import StoicError
-from stoic_ct.head_training.evaluation import cross_validate, protocol, report, write_oof
+from stoic_ct.head_training.evaluation import (
+    cross_validate,
+    nested_auc,
+    protocol,
+    report,
+    write_oof,
+)
 from stoic_ct.head_training.features import FeatureTable, encoder_key, extract, merge_tables
 from stoic_ct.head_training.training import (
     FitSettings,
@@ -45,7 +54,7 @@ from stoic_ct.head_training.training import (
 )
 from stoic_ct.inference.pipeline import Balaitous
 from stoic_ct.inference.precision import ModelSettings
-from stoic_ct.io.cohort import Patient, read_cohort, shard
+from stoic_ct.io.cohort import UNKNOWN, Patient, read_cohort, shard
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.parallel import on_devices
 from stoic_ct.preprocessing.cubes import task_patients
@@ -54,14 +63,18 @@ from stoic_ct.weights.model_files import (
     ENSEMBLE_WEIGHTS,
     R231,
     RANDOM_WEIGHTS_MARKER,
+    SYSTEM_RECORD,
     encoder_kind,
     sha256_of,
     update_manifest,
 )
+from stoic_ct.weights.system_record import choose, origin, write_system_record
 
 logger = logging.getLogger(__name__)
 
 SYSTEMS = ("balaitous", "convnext3d", "both")
+# The system each choice leaves in the model folder (its system.json).
+TRAINED_SYSTEM = {"balaitous": "balaitous", "convnext3d": "convnext3d", "both": "ensemble"}
 # The ConvNeXt's recipe in the final phase: the STOIC2021 severity winner's, for each task.
 CONVNEXT_RECIPE = "stoic2021-winner"
 
@@ -97,6 +110,11 @@ class TrainingRun:
             raise StoicError(f"system must be one of {', '.join(SYSTEMS)}, not {self.system!r}")
 
     @property
+    def encoder(self) -> str:
+        """The encoders under the heads: the model's, else the model folder's choice."""
+        return self.model.encoder or choose(self.model_dir).encoder
+
+    @property
     def trains_balaitous(self) -> bool:
         return self.system in ("balaitous", "both")
 
@@ -123,28 +141,39 @@ def train(run: TrainingRun) -> Path:
     Raises:
         StoicError: naming the file or setting at fault.
     """
-    read_cohort(run.input_dir)  # a bad cohort fails before anything is written
+    patients = read_cohort(run.input_dir)  # a bad cohort fails before anything is written
     stages: dict[str, float] = {}
     run.output_dir.mkdir(parents=True, exist_ok=True)
     oof: dict[str, list[Path]] = {}
+    auc: dict[str, dict[str, float]] = {}
     if run.trains_balaitous:
         started = time.perf_counter()
-        oof["balaitous"] = [train_balaitous(run)]
+        path, auc["balaitous"] = train_balaitous(run)
+        oof["balaitous"] = [path]
         stages["balaitous"] = time.perf_counter() - started
     if run.trains_convnext:
         started = time.perf_counter()
-        oof["convnext3d"] = train_convnext(run)
+        oof["convnext3d"], auc["convnext3d"] = train_convnext(run)
         stages["convnext3d"] = time.perf_counter() - started
     if run.system == "both":
         started = time.perf_counter()
         reference = run.input_dir / "metadata" / "reference.csv"
         report_dir = run.output_dir / "ensemble-report"
-        fit_ensemble(
+        document = fit_ensemble(
             reference, oof["balaitous"], oof["convnext3d"], report_dir, seed=run.heads.seed
         )
         shutil.copyfile(report_dir / ENSEMBLE_WEIGHTS.name, run.output_dir / ENSEMBLE_WEIGHTS.name)
+        auc["ensemble"] = {
+            t: entry["heads"]["ensemble"]["auc"] for t, entry in document["tasks"].items()
+        }
         stages["ensemble"] = time.perf_counter() - started
     complete_model_folder(run)
+    entry = origin(
+        f"final-phase training of {run.system} on {run.input_dir}",
+        cohort={"scans": len(patients), "labelled": sum(p.covid != UNKNOWN for p in patients)},
+        auc={"estimate": "out-of-fold (nested for the heads and the ensemble)", **auc},
+    )
+    record = write_system_record(run.output_dir, TRAINED_SYSTEM[run.system], run.encoder, entry)
     summary = {
         "system": run.system,
         "devices": [str(d) for d in run.devices],
@@ -155,15 +184,17 @@ def train(run: TrainingRun) -> Path:
     }
     atomic_write_text(run.output_dir / "training.json", json.dumps(summary, indent=1) + "\n")
     logger.info(
-        "model folder %s ready (%s)",
+        "model folder %s ready: %s (%s)",
         run.output_dir,
+        record.describe(),
         ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()),
     )
     return run.output_dir
 
 
-def train_balaitous(run: TrainingRun) -> Path:
-    """Features, heads and their nested cross-validation; returns the out-of-fold table."""
+def train_balaitous(run: TrainingRun) -> tuple[Path, dict[str, float]]:
+    """Features, heads and their nested cross-validation; returns the out-of-fold table and
+    the nested AUC of each task."""
     patients = read_cohort(run.input_dir)
     logger.info(
         "balaitous: %d scans in %s; models from %s", len(patients), run.input_dir, run.model_dir
@@ -189,7 +220,7 @@ def train_balaitous(run: TrainingRun) -> Path:
         }
         report(results, about, run.output_dir / "report", seed=run.heads.seed)
         logger.info("evaluation report in %s", run.output_dir / "report")
-    return path
+    return path, nested_auc(results)
 
 
 @dataclass(frozen=True)
@@ -212,9 +243,7 @@ def extract_shard(device: torch.device, job: ShardJob) -> FeatureTable:
         replace(run.model, device=device),
         lung_masks="r231" if with_r231 else "given",
     )
-    key = encoder_key(
-        run.model_dir, run.model.precision, with_r231, run.model.encoder, run.orientation
-    )
+    key = encoder_key(run.model_dir, run.model.precision, with_r231, run.encoder, run.orientation)
     patients = shard(job.patients, job.index, job.count)
     return extract(
         patients,
@@ -226,10 +255,10 @@ def extract_shard(device: torch.device, job: ShardJob) -> FeatureTable:
     )
 
 
-def train_convnext(run: TrainingRun) -> list[Path]:
+def train_convnext(run: TrainingRun) -> tuple[list[Path], dict[str, float]]:
     """Fine-tune the ConvNeXt for both tasks (resuming what SCRATCH holds); returns the two
-    out-of-fold tables."""
-    tables = []
+    out-of-fold tables and each task's pooled out-of-fold AUC."""
+    tables, auc = [], {}
     for task in ("covid", "severe"):
         settings = run.convnext_settings(task)
         if settings.init is None:
@@ -258,7 +287,8 @@ def train_convnext(run: TrainingRun) -> list[Path]:
         )
         shutil.copyfile(result.ensemble, run.output_dir / result.ensemble.name)
         tables.append(out / "oof.csv")
-    return tables
+        auc[task] = result.metric
+    return tables, auc
 
 
 def complete_model_folder(run: TrainingRun) -> None:
@@ -266,7 +296,7 @@ def complete_model_folder(run: TrainingRun) -> None:
     the file systems allow), and list every model file in OUTPUT/MANIFEST."""
     needed = []
     if run.trains_balaitous:
-        kind = encoder_kind(run.model.encoder)
+        kind = encoder_kind(run.encoder)
         needed += [spec.name for spec in kind.files] + [R231.name]
     if (run.model_dir / RANDOM_WEIGHTS_MARKER).exists():
         needed.append(RANDOM_WEIGHTS_MARKER)
@@ -283,7 +313,10 @@ def complete_model_folder(run: TrainingRun) -> None:
         path.name: sha256_of(path)
         for path in sorted(run.output_dir.iterdir())
         if path.is_file()
-        and (path.suffix in (".pth", ".npz") or path.name == ENSEMBLE_WEIGHTS.name)
+        and (
+            path.suffix in (".pth", ".npz")
+            or path.name in (ENSEMBLE_WEIGHTS.name, SYSTEM_RECORD.name)
+        )
     }
     update_manifest(run.output_dir, written)
 

@@ -3,6 +3,7 @@ extract-features -> fit-heads -> evaluate -> process.py, shards, and train.py.""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -65,6 +66,11 @@ def test_the_chain_learns_and_process_py_uses_the_new_heads(
     for task in ("covid", "severe"):
         assert report["tasks"][task]["heads"]["combined"]["auc"] > 0.9, task
 
+    # The folder holds the encoders: fit-heads recorded what it now holds.
+    record = json.loads((model_dir / "system.json").read_text())
+    assert (record["system"], record["encoder"]) == ("balaitous", "vit")
+    assert record["history"][-1]["cohort"] == {"patients": 48}
+    assert record["history"][-1]["command"].startswith("python -m stoic_ct fit-heads ")
     assert_process_py_uses(model_dir, tmp_path)
 
 
@@ -137,8 +143,16 @@ def test_train_py_on_shuffled_labels_finds_nothing_to_learn(
     assert (tmp_path / "output" / "balaitous.npz").exists()
     assert json.loads((tmp_path / "output" / "heads.json").read_text())["data"]["patients"] == 48
 
+    record = json.loads((tmp_path / "output" / "system.json").read_text())
+    assert record["system"] == "balaitous" and record["history"][-1]["cohort"]["scans"] == 48
+    assert set(record["history"][-1]["auc"]["balaitous"]) == {"covid", "severe"}
+
     installed = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("install") / "model"))
+    (installed / "system.json").unlink(missing_ok=True)
     assert cli(["install-heads", str(tmp_path / "output"), "--model-dir", str(installed)]) == 0
+    installed_record = json.loads((installed / "system.json").read_text())
+    assert installed_record["system"] == "balaitous"
+    assert installed_record["history"][-1]["what"] == f"heads installed from {tmp_path / 'output'}"
 
 
 def test_train_py_says_what_is_wrong_with_the_input(
@@ -174,7 +188,7 @@ def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
         "vitl_16_pt22k.pth",
     }
     listed = {line.split("  ")[1] for line in (output / "MANIFEST").read_text().splitlines()}
-    assert listed == model_files
+    assert listed == {*model_files, "system.json"}
     assert (output / "RANDOM_WEIGHTS").exists()  # tiny random encoders stay marked
     weights = json.loads((output / "ensemble.json").read_text())
     for task in ("covid", "severe"):
@@ -184,7 +198,20 @@ def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
     assert summary["convnext"]["severe"]["metadata"] is True  # the winner's recipe
     assert summary["convnext"]["severe"]["input_size"] == 32  # with the given values
 
-    assert_process_py_uses(output, tmp_path / "job", model="ensemble")
+    # What train.py wrote is what runs: process.py and predict without --model score with
+    # the ensemble that system.json names.
+    record = json.loads((output / "system.json").read_text())
+    assert record["system"] == "ensemble" and set(record["files"]) == model_files
+    assert record["history"][-1]["command"].startswith("train.py --system both")
+    log = assert_process_py_uses(output, tmp_path / "job")
+    assert "model folder " in log and "system ensemble (encoder vit)" in log
+    job_image = tmp_path / "job" / "input" / "images" / "ct" / "1234.mha"
+    table = tmp_path / "predicted.csv"
+    assert cli(["predict", str(job_image), "--model-dir", str(output), "--csv", str(table)]) == 0
+    (row,) = list(csv.DictReader(table.open()))
+    assert row["system"] == "ensemble" and row["lung_found"] in ("True", "False")
+    served = json.loads((tmp_path / "job" / "output" / "probability-covid-19.json").read_text())
+    assert abs(float(row["probability_covid_19"]) - served) < 1e-6
 
     # Started again, the run resumes: no fold is trained again, the same folder results.
     folds = sorted(scratch.glob("convnext3d-*/fold-*/last.pt"))

@@ -1,27 +1,31 @@
 """Command line: `python -m stoic_ct COMMAND ...`.
 
 One module per command group, each registering its parsers with their handlers:
-`predict`, `files` (fetch-weights, sample-scans, random-weights), `phantoms` (phantom,
-phantom-cohort), `heads` (extract-features, merge-features, fit-heads, install-heads,
-evaluate), `convnext` (inflate-convnext, finetune, pretrain) and `ensemble`
-(fit-ensemble).
+`predict`, `serve` (the invoke API's web server), `files` (fetch-weights, check-model,
+sample-scans, random-weights), `phantoms` (phantom, phantom-cohort), `heads`
+(extract-features, merge-features, fit-heads, install-heads, evaluate), `convnext`
+(inflate-convnext, finetune, pretrain) and `ensemble` (fit-ensemble).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
-from stoic_ct.cli import convnext, ensemble, files, heads, phantoms, predict
+from stoic_ct.cli import convnext, ensemble, files, heads, phantoms, predict, serve
 from stoic_ct.errors import StoicError
 from stoic_ct.logs import configure_logging
+from stoic_ct.weights.system_record import invoked_as
 
 logger = logging.getLogger("stoic_ct")
 
 DESCRIPTION = """Commands:
     predict         run the model on any number of scans and print or write the probabilities
+    serve           the invoke API: a web server on port 4743, the model loaded once
     fetch-weights   download the four model files from where they are published, and check them
+    check-model     say which system a model folder holds (system.json), and check its files
     sample-scans    fetch two public chest CTs (pyradiomics 3.1.0's test data) into a cache
     random-weights  write randomly initialised model files in the published layouts
     phantom         write a synthetic chest CT phantom
@@ -46,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (predict, files, phantoms, heads, convnext, ensemble):
+    for group in (predict, serve, files, phantoms, heads, convnext, ensemble):
         group.register(commands)
     return parser
 
@@ -54,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return the exit status."""
     args = _parser().parse_args(argv)
-    configure_logging(args.verbose)
+    invoked_as("python -m stoic_ct", sys.argv[1:] if argv is None else argv)
+    # A command the container runs as its entry point logs as process.py does.
+    configure_logging(
+        args.verbose, information_to_stdout=getattr(args, "information_to_stdout", False)
+    )
     try:
         status: int = args.handler(args)
     except StoicError as error:

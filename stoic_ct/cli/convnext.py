@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from stoic_ct.errors import StoicError
 from stoic_ct.models.convnext3d import SIZES as CONVNEXT_SIZES
 from stoic_ct.models.inflation import INFLATIONS, NORMALISATIONS
+from stoic_ct.runtime import log_runtime
 
 if TYPE_CHECKING:
     from stoic_ct.convnext_training.trainer import NetworkSettings
@@ -286,6 +287,7 @@ def log_settings(settings: Any, preset: dict[str, Any], given: dict[str, Any], n
 
 def run_finetune(args: argparse.Namespace) -> int:
     """The `finetune` command."""
+    log_runtime()
     from stoic_ct.convnext_training.finetuning import finetune as run
     from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
     from stoic_ct.inference.precision import resolve_device
@@ -325,6 +327,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_pretrain(args: argparse.Namespace) -> int:
     """The `pretrain` command."""
+    log_runtime()
     from stoic_ct.convnext_training.pretraining import PretrainSettings
     from stoic_ct.convnext_training.pretraining import pretrain as run
     from stoic_ct.inference.precision import resolve_device

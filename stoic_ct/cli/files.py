@@ -1,4 +1,5 @@
-"""Commands for the model files and data: fetch-weights, sample-scans, random-weights."""
+"""Commands for the model files and data: fetch-weights, check-model, sample-scans,
+random-weights."""
 
 from __future__ import annotations
 
@@ -6,18 +7,19 @@ import argparse
 import logging
 from pathlib import Path
 
-from stoic_ct.weights.fetch import INDEX_URL, ZENODO_URL, configured_index
+from stoic_ct.weights.fetch import ZENODO_URL, configured_index
 from stoic_ct.weights.model_files import (
     R231,
     REPOSITORY_MODEL_DIR,
     REPOSITORY_ROOT,
+    default_model_dir,
 )
 
 logger = logging.getLogger("stoic_ct")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """fetch-weights, sample-scans and random-weights."""
+    """fetch-weights, check-model, sample-scans and random-weights."""
     fetch = commands.add_parser(
         "fetch-weights",
         help="download and check the four model files",
@@ -45,11 +47,27 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     fetch.add_argument(
         "--index-url",
-        default=configured_index(),
-        help="package index holding the balaitous 1.2 wheel "
-        f"(default: $PIP_INDEX_URL, else {INDEX_URL})",
+        default=None,
+        help="package index holding the balaitous 1.2 wheel (default: the one pip uses: "
+        "$PIP_INDEX_URL, else pip's configuration, else pip's default)",
     )
     fetch.set_defaults(handler=run_fetch_weights)
+    check = commands.add_parser(
+        "check-model",
+        help="say which system a model folder holds, and check its files",
+        description="Read the model folder's system.json (without one: the four published "
+        "Balaitous files) and check that every file of that system is there and that the "
+        "folder's MANIFEST, which export.sh packs, lists it with its sha256. Prints the "
+        "system, its encoder choice and where the folder came from.",
+    )
+    check.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="model folder (default: /opt/ml/model when it holds model files, else the "
+        "repository's model/)",
+    )
+    check.set_defaults(handler=run_check_model)
     samples = commands.add_parser(
         "sample-scans",
         help="fetch two public chest CTs (from the pyradiomics 3.1.0 source archive)",
@@ -66,8 +84,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     samples.add_argument(
         "--index-url",
-        default=configured_index(),
-        help=f"package index (default: $PIP_INDEX_URL, else {INDEX_URL})",
+        default=None,
+        help="package index (default: the one pip uses: $PIP_INDEX_URL, else pip's "
+        "configuration, else pip's default)",
     )
     samples.set_defaults(handler=run_sample_scans)
     random = commands.add_parser(
@@ -91,13 +110,25 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def run_fetch_weights(args: argparse.Namespace) -> int:
     """The `fetch-weights` command."""
     from stoic_ct.inference.pipeline import Balaitous, check_model_file
+    from stoic_ct.inference.precision import ModelSettings
     from stoic_ct.weights.fetch import Sources
     from stoic_ct.weights.fetch import fetch_weights as fetch
 
     dest = args.dest or REPOSITORY_MODEL_DIR
-    fetch(dest, Sources(args.zenodo_url, args.lungmask_url, args.index_url), check_model_file)
+    index = args.index_url or configured_index()
+    fetch(dest, Sources(args.zenodo_url, args.lungmask_url, index), check_model_file)
     # The files fit together: the encoders' features are what the heads take.
-    Balaitous.from_model_dir(dest, lung_masks="given")
+    Balaitous.from_model_dir(dest, ModelSettings(encoder="vit"), lung_masks="given")
+    return 0
+
+
+def run_check_model(args: argparse.Namespace) -> int:
+    """The `check-model` command: prints what the folder holds."""
+    from stoic_ct.weights.system_record import check_model_folder
+
+    model_dir = args.model_dir or default_model_dir()
+    choice = check_model_folder(model_dir)
+    print(f"{model_dir}: {choice.describe(model_dir)}; every file checked against MANIFEST")
     return 0
 
 
@@ -105,7 +136,7 @@ def run_sample_scans(args: argparse.Namespace) -> int:
     """The `sample-scans` command: one path per line on stdout."""
     from stoic_ct.io.sample_scans import sample_scans as fetch_sample_scans
 
-    for path in fetch_sample_scans(args.dest, args.index_url).values():
+    for path in fetch_sample_scans(args.dest, args.index_url or configured_index()).values():
         print(path)
     return 0
 

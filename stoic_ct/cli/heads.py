@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from stoic_ct.errors import StoicError
 from stoic_ct.options import add_model_arguments, model_settings
+from stoic_ct.runtime import log_runtime
 from stoic_ct.weights.model_files import (
     REPOSITORY_MODEL_DIR,
     default_model_dir,
@@ -139,9 +140,11 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_extract_features(args: argparse.Namespace) -> int:
     """The `extract-features` command; 1 when some scans failed (the table holds the rest)."""
+    log_runtime()
     from stoic_ct.head_training.features import encoder_key, extract
     from stoic_ct.inference.pipeline import Balaitous
     from stoic_ct.io.cohort import UNKNOWN, parse_shard, read_cohort, shard
+    from stoic_ct.weights.system_record import choose
 
     try:
         index, count = parse_shard(args.shard)
@@ -160,14 +163,12 @@ def run_extract_features(args: argparse.Namespace) -> int:
     if args.lung_masks is not None and not args.lung_masks.is_dir():
         raise StoicError("--lung-masks is not a folder", args.lung_masks)
     model_dir = args.model_dir or default_model_dir()
+    encoder = choose(model_dir, encoder=args.encoder).encoder
+    settings = replace(model_settings(args), encoder=encoder)
     model = Balaitous.feature_extractor(
-        model_dir,
-        model_settings(args),
-        lung_masks="r231" if args.lung_masks is None else "given",
+        model_dir, settings, lung_masks="r231" if args.lung_masks is None else "given"
     )
-    key = encoder_key(
-        model_dir, args.precision, args.lung_masks is None, args.encoder, args.orientation
-    )
+    key = encoder_key(model_dir, args.precision, args.lung_masks is None, encoder, args.orientation)
     cache = args.cache or args.out.parent / ".feature-cache"
     table = extract(patients, model, cache, key, masks_dir=args.lung_masks)
     table = replace(table, provenance=table.provenance | {"shard": f"{index}/{count}"})
@@ -208,6 +209,7 @@ def run_fit_heads(args: argparse.Namespace) -> int:
     from stoic_ct.head_training.training import fit_heads as fit
     from stoic_ct.head_training.training import (
         heads_document,
+        record_heads,
         recorded_encoder,
         to_logistic_heads,
         write_heads,
@@ -219,6 +221,7 @@ def run_fit_heads(args: argparse.Namespace) -> int:
     document = heads_document(fits, table, settings)
     path = write_heads(args.out, to_logistic_heads(fits), document)
     logger.info("wrote %s and %s", path, path.with_name(recorded_encoder(document).report))
+    record_heads(args.out, document, f"heads fitted on {args.features}")
     return 0
 
 

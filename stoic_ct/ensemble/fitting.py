@@ -35,11 +35,18 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from stoic_ct.atomic import atomic_write_text
-from stoic_ct.errors import InputError
+from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.head_training.evaluation import TaskResult, report
-from stoic_ct.inference.systems import MEMBERS
+from stoic_ct.inference.systems import MEMBERS, read_ensemble_weights
 from stoic_ct.io.cohort import STOIC_TASKS, read_reference, task_rows
-from stoic_ct.weights.model_files import ENSEMBLE_WEIGHTS
+from stoic_ct.weights.model_files import (
+    ENSEMBLE_WEIGHTS,
+    read_manifest,
+    sha256_of,
+    system_files,
+    update_manifest,
+)
+from stoic_ct.weights.system_record import SystemRecord, choose, origin, write_system_record
 
 logger = logging.getLogger(__name__)
 
@@ -295,3 +302,43 @@ def fit_ensemble(
     text = json.dumps(ensemble, indent=1) + "\n"
     atomic_write_text(out_dir / ENSEMBLE_WEIGHTS.name, text)
     return document
+
+
+def install_ensemble(weights: Path, model_dir: Path, document: dict[str, Any]) -> SystemRecord:
+    """Put a fitted ensemble.json into a model folder that holds both systems, and record
+    that the folder now holds the ensemble (system.json; where there is a MANIFEST, its
+    lines for ensemble.json and the ConvNeXt files, so that export.sh packs them).
+
+    Args:
+        weights: the ensemble.json fit_ensemble wrote.
+        document: fit_ensemble's report, whose AUCs the record keeps.
+
+    Raises:
+        ModelFileError: naming the folder and the files it lacks; nothing is written then.
+    """
+    encoder = choose(model_dir).encoder
+    needed = [s for s in system_files("ensemble", encoder) if s != ENSEMBLE_WEIGHTS]
+    missing = [spec.name for spec in needed if not (model_dir / spec.name).is_file()]
+    if missing:
+        raise ModelFileError(
+            f"lacks {', '.join(missing)}: the ensemble needs both systems in the folder",
+            model_dir,
+        )
+    read_ensemble_weights(weights)
+    target = atomic_write_text(model_dir / ENSEMBLE_WEIGHTS.name, weights.read_text("utf-8"))
+    if read_manifest(model_dir):  # the ConvNeXt files were copied in by hand: list them too
+        added = [target, *(model_dir / s.name for s in system_files("convnext3d"))]
+        update_manifest(model_dir, {path.name: sha256_of(path) for path in added})
+    tasks = document["tasks"]
+    entry = origin(
+        f"ensemble weights fitted on out-of-fold predictions ({weights})",
+        cohort={task: {"patients": entry["patients"]} for task, entry in tasks.items()},
+        auc={
+            "estimate": "out-of-fold; nested for the ensemble",
+            **{
+                name: {task: tasks[task]["heads"][name]["auc"] for task in tasks}
+                for name in (*MEMBERS, "ensemble")
+            },
+        },
+    )
+    return write_system_record(model_dir, "ensemble", encoder, entry)

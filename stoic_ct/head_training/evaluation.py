@@ -167,6 +167,15 @@ def cross_validate(
     return results
 
 
+def nested_auc(results: dict[str, TaskResult], head: str = "combined") -> dict[str, float]:
+    """Each task's ROC-AUC of `head`'s out-of-fold probabilities, the mean over repetitions
+    (as `report` gives it, without its intervals)."""
+    return {
+        task: float(np.mean([roc_auc_score(result.y, run) for run in result.predictions[head]]))
+        for task, result in results.items()
+    }
+
+
 def write_oof(results: dict[str, TaskResult], path: Path) -> Path:
     """PatientID,probCOVID,probSevere: each patient's out-of-fold probability of the heads'
     weighted average (mean over repetitions), blank for a task the patient is not scored

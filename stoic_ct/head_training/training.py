@@ -37,11 +37,19 @@ from stoic_ct.models.heads import ENCODERS, LogisticHeads
 from stoic_ct.weights.model_files import (
     ENCODER_CHOICES,
     R231,
+    SYSTEM_RECORD,
     EncoderKind,
     encoder_kind,
     read_manifest,
     sha256_of,
+    system_files,
     write_manifest,
+)
+from stoic_ct.weights.system_record import (
+    SystemRecord,
+    origin,
+    read_system_record,
+    write_system_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -359,6 +367,34 @@ def write_heads(
     return heads_path
 
 
+def record_heads(model_dir: Path, document: dict[str, Any], what: str) -> SystemRecord | None:
+    """Update `model_dir`'s system.json for heads just written there, when the folder holds
+    everything Balaitous needs with their encoder: an ensemble stays one (with these heads),
+    any other folder holds Balaitous. None (nothing written) for a folder of heads alone.
+
+    Raises:
+        ModelFileError: when the folder's record is malformed.
+    """
+    kind = recorded_encoder(document)
+    if not all((model_dir / spec.name).is_file() for spec in system_files("balaitous", kind.name)):
+        return None
+    earlier = read_system_record(model_dir) if (model_dir / SYSTEM_RECORD.name).exists() else None
+    system = "ensemble" if earlier is not None and earlier.system == "ensemble" else "balaitous"
+    tasks = document.get("fit", {}).get("tasks", {})
+    entry = origin(
+        what,
+        cohort={"patients": document.get("data", {}).get("patients")},
+        auc={
+            "estimate": "inner cross-validation at the chosen C and weights (optimistic; "
+            "`evaluate` gives the nested one)",
+            **{t: v.get("inner_cv_auc", {}).get("cv_auc_combined") for t, v in tasks.items()},
+        },
+    )
+    record = write_system_record(model_dir, system, kind.name, entry)
+    logger.info("%s/%s: %s", model_dir, SYSTEM_RECORD.name, record.describe())
+    return record
+
+
 def install_heads(source: Path, model_dir: Path) -> Path:
     """Copy fitted heads (balaitous.npz and heads.json of `source`, or the convnext3d_
     ones) into a model folder.
@@ -380,4 +416,6 @@ def install_heads(source: Path, model_dir: Path) -> Path:
     if dim is not None and dim != heads.feature_dim:
         raise ModelFileError(f"records features of length {dim}, not {heads.feature_dim}", report)
     document.setdefault("data", {}).setdefault("encoder", kind.name)
-    return write_heads(model_dir, heads, document)
+    path = write_heads(model_dir, heads, document)
+    record_heads(model_dir, document, f"heads installed from {source}")
+    return path

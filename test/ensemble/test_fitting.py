@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,31 @@ def test_a_patient_given_twice_is_refused(tmp_path: Path) -> None:
         table.write_text("PatientID,label,fold,p_negative,p_positive\n7,1,1,0.2,0.8\n")
     with pytest.raises(InputError, match="two.csv: gives covid predictions of patients an earlier"):
         read_oof_predictions([one, two])
+
+
+def test_fit_ensemble_into_a_model_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """--model-dir puts ensemble.json into a folder holding both systems, and its
+    system.json then says that the folder holds the ensemble, with the nested AUCs; a folder
+    without the ConvNeXt is refused before anything is written there."""
+    reference, balaitous, covid, severe = write_cohort(tmp_path / "data", 200, seed=3)
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    arguments = [
+        "fit-ensemble",
+        *("--reference", str(reference), "--balaitous", str(balaitous)),
+        *("--convnext3d", str(covid), str(severe)),
+        *("--out", str(tmp_path / "out"), "--repeats", "2", "--model-dir", str(folder)),
+    ]
+    assert cli(arguments) == 1  # no convnext3d_*.pth in the folder
+    assert not (folder / "ensemble.json").exists() and not (folder / "system.json").exists()
+    for name in ("convnext3d_covid.pth", "convnext3d_severe.pth"):
+        (folder / name).write_bytes(b"weights")
+    assert cli(arguments) == 0
+    assert (folder / "ensemble.json").read_text() == (
+        tmp_path / "out" / "ensemble.json"
+    ).read_text()
+    record = json.loads((folder / "system.json").read_text())
+    assert record["system"] == "ensemble" and "ensemble.json" in record["files"]
+    auc = record["history"][-1]["auc"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert auc["ensemble"]["covid"] == report["tasks"]["covid"]["heads"]["ensemble"]["auc"]
+    assert record["history"][-1]["command"].startswith("python -m stoic_ct fit-ensemble ")
