@@ -16,7 +16,6 @@ from fileserver import Route, serving
 
 import process
 from helpers import (
-    SMALL_PHANTOM,
     THIN_PHANTOM,
     contained,
     run_as_container,
@@ -123,31 +122,6 @@ def test_the_container_process_has_no_network() -> None:
     assert reachable.returncode == 0
     assert isolated.returncode != 0
     assert "Network is unreachable" in isolated.stderr or "refused" in isolated.stderr
-
-
-def test_algorithm_with_lungs(tiny_model: Balaitous, tmp_path: Path) -> None:
-    """The Algorithm class end to end with the threshold segmenter: lungs found, outputs match."""
-    image = write_case(tmp_path / "input", SMALL_PHANTOM)
-    process.StoicAlgorithm(
-        input_dir=tmp_path / "input", output_dir=tmp_path / "output", model=tiny_model
-    ).process()
-    scan = read_scan(image)
-    expected = tiny_model.predict(
-        scan.volume, demographics_for(scan, read_job_inputs(tmp_path / "input"))
-    ).probabilities
-    assert outputs(tmp_path / "output") == {
-        COVID_OUTPUT: expected.covid,
-        SEVERE_OUTPUT: expected.severe,
-    }
-
-
-def test_evalutils_predict_hook(tiny_model: Balaitous, tmp_path: Path) -> None:
-    image = write_case(tmp_path / "input", SMALL_PHANTOM)
-    algorithm = process.StoicAlgorithm(
-        input_dir=tmp_path / "input", output_dir=tmp_path / "output", model=tiny_model
-    )
-    result = algorithm.predict(input_image=sitk.ReadImage(str(image)))
-    assert set(result) == {COVID_OUTPUT, SEVERE_OUTPUT}
 
 
 def run_main(
@@ -322,34 +296,6 @@ def test_unwritable_output_folder(shared_model_dir: Path, shared_tmp: Path) -> N
     (line,) = error_lines(done.stderr)
     assert line.endswith(f"{output}: the output folder is not writable (Permission denied)")
     assert list(output.iterdir()) == []
-
-
-def test_inputs_json(tiny_model: Balaitous, tmp_path: Path) -> None:
-    """The CT, age and sex from the sockets of inputs.json: the same outputs as the same
-    values given in the STOIC layout."""
-    stoic = tmp_path / "stoic"
-    image = write_case(stoic, SMALL_PHANTOM)
-    (stoic / "patient-age.json").write_text("58")
-    (stoic / "patient-sex.json").write_text('"F"')
-    sockets = tmp_path / "sockets"
-    (sockets / "images" / "chest-ct").mkdir(parents=True)
-    shutil.copy2(image, sockets / "images" / "chest-ct" / "scan.mha")
-    interfaces = [
-        ({"slug": "chest-ct", "kind": "Image", "super_kind": "Image"}, "images/chest-ct", None),
-        ({"slug": "patient-age", "kind": "Integer", "super_kind": "Value"}, "age.json", 58),
-        ({"slug": "patient-sex", "kind": "String", "super_kind": "Value"}, "sex.json", "F"),
-    ]
-    (sockets / "inputs.json").write_text(
-        json.dumps(
-            [
-                {"interface": interface | {"relative_path": path}, "value": value}
-                for interface, path, value in interfaces
-            ]
-        )
-    )
-    for input_dir, output in ((stoic, tmp_path / "out-stoic"), (sockets, tmp_path / "out-sockets")):
-        process.StoicAlgorithm(input_dir=input_dir, output_dir=output, model=tiny_model).process()
-    assert outputs(tmp_path / "out-sockets") == outputs(tmp_path / "out-stoic")
 
 
 def test_inputs_json_without_an_image_socket(

@@ -41,6 +41,7 @@ AIR_HU = -1024.0
 # A DICOM series whose slice gaps differ from their median by more than this fraction has
 # missing or unevenly spaced slices (positions rounded to 0.1 mm stay well within it).
 SLICE_GAP_TOLERANCE = 0.2
+METAIMAGE_SUFFIXES = (".mha", ".mhd")
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,27 @@ class Scan:
         return f"{self.path}: {size} voxels at {spacing} mm{stored}"
 
 
-def read_scan(path: Path | str, orientation: Orientation = "canonical") -> Scan:
+def read_scan(
+    path: Path | str, orientation: Orientation = "canonical", *, within: Path | None = None
+) -> Scan:
     """Read one CT from an image file or a DICOM folder.
 
     Args:
         orientation: "canonical" reorients the voxels to LPS, as STOIC stores its scans
             (stoic_ct.io.orientation; logged when it changes anything); "as-stored" keeps the
             file's order, as the published package does.
+        within: a folder every file read must lie in, symbolic links resolved (a job's
+            input folder); None: anywhere.
 
     Raises:
         InputError: naming `path`, when it does not exist, cannot be read, is not a 3D
-            scalar image, has a non-positive spacing, or has no finite voxel.
+            scalar image, has a non-positive spacing, or has no finite voxel; or when it
+            would read a file outside `within`.
     """
     path = Path(path)
     try:
+        if within is not None:
+            _check_within(path, within)
         with _itk_chatter_kept_off_stderr():
             if path.is_dir():
                 image, header = _read_dicom_folder(path)
@@ -141,9 +149,59 @@ def _itk_chatter_kept_off_stderr() -> Iterator[None]:
                     logger.debug("ITK: %s", line.strip())
 
 
+def _check_within(path: Path, folder: Path) -> None:
+    """Every file reading `path` would open lies inside `folder`, links resolved."""
+    root = folder.resolve()
+    if path.is_dir():
+        opened = [path, *(p for p in path.iterdir() if not p.is_dir())]
+    elif path.suffix.lower() in METAIMAGE_SUFFIXES and path.is_file():
+        opened = [path, *metaimage_data_files(path)]
+    else:
+        opened = [path]
+    for item in opened:
+        target = item.resolve()
+        if not target.is_relative_to(root):
+            what = "it is" if item == path else f"it names {item.name}, which is"
+            raise InputError(
+                f"{what} {target}, outside the input folder {folder}: a job reads only "
+                "its own input"
+            )
+
+
+def metaimage_data_files(header: Path) -> list[Path]:
+    """The voxel files a MetaImage header (.mha, .mhd) names: none when its voxels are in
+    the file itself (LOCAL), one file, a LIST of files, or a numbered pattern
+    ("slice%03d.raw 1 40 1"). Relative names are relative to the header's folder.
+
+    Raises:
+        InputError: when the header cannot be read.
+    """
+    try:
+        with header.open("rb") as f:
+            text = f.read(1 << 20).decode("latin-1")
+    except OSError as error:
+        raise InputError(f"cannot read it ({error.strerror})") from None
+    match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", text, flags=re.MULTILINE)
+    if match is None or match.group(1).upper() == "LOCAL":
+        return []
+    value = match.group(1)
+    words = value.split()
+    names = [value]
+    if words[0].upper() == "LIST":
+        names = [line.strip() for line in text[match.end() :].splitlines() if line.strip()]
+    elif "%" in words[0] and len(words) >= 3:
+        try:
+            first, last = int(words[1]), int(words[2])
+            step = int(words[3]) if len(words) > 3 else 1
+            names = [words[0] % i for i in range(first, last + 1, step or 1)]
+        except (TypeError, ValueError):
+            names = [value]
+    return [header.parent / name for name in names]
+
+
 def _read_image_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
-    if path.suffix.lower() == ".mhd":
-        _check_data_file(path)
+    if path.suffix.lower() in METAIMAGE_SUFFIXES:
+        _check_data_files(path)
     if path.suffix.lower() == ".gz":
         _check_gzip(path)
     reader = sitk.ImageFileReader()
@@ -164,18 +222,11 @@ def _read_image_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
     return image, header_of(image)
 
 
-def _check_data_file(header: Path) -> None:
-    """The voxel file a MetaImage header (.mhd) names must exist beside it."""
-    try:
-        text = header.read_text(encoding="latin-1", errors="replace")
-    except OSError as error:
-        raise InputError(f"cannot read it ({error.strerror})") from None
-    match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", text, flags=re.MULTILINE)
-    if match is None or match.group(1).upper() in ("LOCAL", "LIST") or "%" in match.group(1):
-        return
-    data = header.parent / match.group(1)
-    if not data.is_file():
-        raise InputError(f"its voxel file {data.name} is missing (expected at {data})")
+def _check_data_files(header: Path) -> None:
+    """The voxel files a MetaImage header names must exist."""
+    for data in metaimage_data_files(header):
+        if not data.is_file():
+            raise InputError(f"its voxel file {data.name} is missing (expected at {data})")
 
 
 def _check_gzip(path: Path) -> None:

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from helpers import write_dicom_series, write_image
 from stoic_ct.errors import InputError
-from stoic_ct.io.imageio import _itk_chatter_kept_off_stderr, read_scan
+from stoic_ct.io.imageio import _itk_chatter_kept_off_stderr, metaimage_data_files, read_scan
 
 VOXELS = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60
 
@@ -256,3 +256,21 @@ def test_log_lines_written_meanwhile_get_through(capfd: pytest.CaptureFixture[st
     with _itk_chatter_kept_off_stderr():
         os.write(2, b"MetaImage: chatter\n12:00:00 WARNING a warning of ours\n")
     assert capfd.readouterr().err == "12:00:00 WARNING a warning of ours\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "extra", "names"),
+    [
+        ("LOCAL", "", []),
+        ("scan.raw", "", ["scan.raw"]),
+        ("/data/scan.raw", "", ["/data/scan.raw"]),
+        ("LIST", "a.raw\nb.raw\n", ["a.raw", "b.raw"]),
+        ("slice%02d.raw 1 5 2", "", ["slice01.raw", "slice03.raw", "slice05.raw"]),
+    ],
+)
+def test_the_voxel_files_a_metaimage_header_names(
+    tmp_path: Path, line: str, extra: str, names: list[str]
+) -> None:
+    header = tmp_path / "scan.mhd"
+    header.write_text(f"ObjectType = Image\nNDims = 3\nElementDataFile = {line}\n{extra}")
+    assert metaimage_data_files(header) == [tmp_path / n for n in names]
