@@ -46,6 +46,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     fit.add_argument(
         "--out", type=Path, required=True, help="folder for ensemble.json and the report"
     )
+    fit.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="also put ensemble.json into this model folder, which must hold both systems' "
+        "files, and record there that it holds the ensemble (system.json, MANIFEST)",
+    )
     fit.add_argument("--folds", type=int, default=5, help="outer folds (default 5)")
     fit.add_argument("--repeats", type=int, default=10, help="repetitions (default 10)")
     fit.add_argument("--seed", type=int, default=0, help="of the splits and the bootstrap")
@@ -54,10 +61,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def run_fit_ensemble(args: argparse.Namespace) -> int:
     """The `fit-ensemble` command: prints each task's AUCs and weight."""
-    from stoic_ct.ensemble.fitting import fit_ensemble
+    from stoic_ct.ensemble.fitting import fit_ensemble, install_ensemble
 
     if args.folds < 2 or args.repeats < 1:
         raise StoicError("--folds must be at least 2 and --repeats at least 1")
+    if args.model_dir is not None and not args.model_dir.is_dir():
+        raise StoicError("--model-dir is not a folder", args.model_dir)
     document = fit_ensemble(
         args.reference,
         args.balaitous,
@@ -74,4 +83,7 @@ def run_fit_ensemble(args: argparse.Namespace) -> int:
             print(f"{task}\t{name}\tAUC {score['auc']:.3f}\t95% CI {low:.3f}-{high:.3f}")
         print(f"{task}\tweights\t{weights[task]}")
     logger.info("wrote %s and the report", args.out / "ensemble.json")
+    if args.model_dir is not None:
+        record = install_ensemble(args.out / "ensemble.json", args.model_dir, document)
+        logger.info("%s now holds %s", args.model_dir, record.describe())
     return 0
