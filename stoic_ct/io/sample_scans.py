@@ -9,9 +9,9 @@ NSCLC-Radiomics / Lung1 collection shared through The Cancer Imaging Archive) ca
   with a ground-glass patch in the right lung.
 
 `pip download pyradiomics==3.1.0` fails on the package's own metadata, so the archive is
-fetched as a file from the index pip uses ($PIP_INDEX_URL, else PyPI), checked against the
-sha256 pinned here, and the two scans are extracted into a cache folder with a MANIFEST;
-later calls find them there without the network.
+fetched as a file from the index pip uses (stoic_ct.weights.fetch.configured_index),
+checked against the sha256 pinned here, and the two scans are extracted into a cache
+folder with a MANIFEST; later calls find them there without the network.
 """
 
 from __future__ import annotations

@@ -16,10 +16,11 @@ import logging
 import os
 import re
 import socket
+import subprocess
 import sys
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.parse import urljoin, urlsplit
@@ -45,7 +46,6 @@ from stoic_ct.weights.model_files import (
 logger = logging.getLogger(__name__)
 
 ZENODO_URL = "https://zenodo.org/record/6547999/files"
-INDEX_URL = "https://pypi.org/simple"
 WHEEL_PROJECT = "balaitous"
 WHEEL_NAME = "balaitous-1.2-py3-none-any.whl"
 WHEEL_MEMBER = "assets/balaitous.npz"
@@ -56,17 +56,44 @@ _HASH_PREFIX = re.compile(r"-([a-f0-9]{6,})\.[^/]*$")
 _SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 
 
-def configured_index() -> str:
-    """The package index pip is pointed at by $PIP_INDEX_URL, else PyPI's."""
-    return os.environ.get("PIP_INDEX_URL", INDEX_URL)
-
-
 class FetchError(StoicError):
     """A model file could not be fetched or did not pass its checks."""
 
 
 class UnreachableError(FetchError):
     """The server could not be reached at all (offline, DNS, refused, timed out)."""
+
+
+def configured_index() -> str:
+    """The package index pip uses: $PIP_INDEX_URL, else the index-url of pip's
+    configuration files (`pip config list`), else pip's own default.
+
+    Raises:
+        FetchError: when none is set and pip is not installed.
+    """
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    try:
+        listed = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith(".index-url") and value.strip("'\" "):
+            return value.strip("'\" ")
+    try:
+        from pip._internal.models.index import PyPI  # pip's default index, as pip has it
+    except ImportError:
+        raise FetchError(
+            "no package index is configured and pip is not installed: set PIP_INDEX_URL"
+        ) from None
+    default: str = PyPI.simple_url
+    return default
 
 
 @dataclass(frozen=True)
@@ -81,7 +108,7 @@ class Sources:
 
     zenodo: str = ZENODO_URL
     lungmask: str = R231.url
-    index: str = INDEX_URL
+    index: str = field(default_factory=configured_index)
 
     def url(self, spec: ModelFileSpec) -> str:
         """Where `spec` is published (for balaitous.npz: the index page of its wheel)."""

@@ -7,7 +7,7 @@ usage() {
 Usage: test/container/make-base.sh TAG
 
 Builds image TAG: a Debian bookworm root file system made with debootstrap from the
-distribution's packages (\$DEBIAN_MIRROR, default http://deb.debian.org/debian), its
+distribution's packages (from \$DEBIAN_MIRROR, else the Debian mirror of apt's sources), its
 Python 3.11, and the CPU build of torch 2.13.0 with the dependencies requirements.txt pins
 (fetched on the host with pip). For the container test on machines without access to the
 base image's registry; not for submissions: it has no CUDA. Needs root (debootstrap) and
@@ -23,11 +23,21 @@ source "$here/scripts/engine.sh"
 command -v debootstrap >/dev/null 2>&1 || { echo "error: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "error: debootstrap needs root" >&2; exit 1; }
 
+# The mirror apt uses here: the first archive (not security) URI of its sources.
+apt_mirror() {
+    { grep -h -E '^[[:space:]]*deb[[:space:]]' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+        | tr ' ' '\n' | grep '://'
+      grep -h -E '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | cut -d: -f2- | tr ' ' '\n' | grep '://'
+    } | grep -v -- '-security' | head -n 1
+}
+mirror=${DEBIAN_MIRROR:-$(apt_mirror)}
+[ -n "$mirror" ] || { echo "error: no Debian mirror in apt's sources here; set DEBIAN_MIRROR" >&2; exit 1; }
+
 work=$(mktemp -d "${TMPDIR:-/tmp}/stoic-base.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-echo "debootstrap: Debian bookworm with python3 into $work/rootfs"
+echo "debootstrap: Debian bookworm with python3 from $mirror into $work/rootfs"
 debootstrap --variant=minbase --include=python3,python3-venv bookworm "$work/rootfs" \
-    "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" > "$work/debootstrap.log" 2>&1 \
+    "$mirror" > "$work/debootstrap.log" 2>&1 \
     || { tail -20 "$work/debootstrap.log" >&2; echo "error: debootstrap failed (log above)" >&2; exit 1; }
 rm -rf "$work/rootfs/var/cache/apt/archives"/*.deb "$work/rootfs/var/lib/apt/lists"/*
 rootfs_image="$image-rootfs"

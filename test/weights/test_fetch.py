@@ -27,6 +27,7 @@ from stoic_ct.weights.fetch import (
     WHEEL_NAME,
     FetchError,
     Sources,
+    configured_index,
     fetch_weights,
     wheel_location,
 )
@@ -299,16 +300,17 @@ def test_command(server: FileServer, published_bytes: dict[str, bytes], tmp_path
 
 def _registry_reachable() -> bool:
     try:
-        with urlopen("https://pypi.org/simple/balaitous/", timeout=10):
+        with urlopen(f"{configured_index().rstrip('/')}/balaitous/", timeout=10):
             return True
     except (URLError, OSError):
         return False
 
 
 def test_heads_from_the_real_registry(tmp_path: Path) -> None:
-    """balaitous.npz from the balaitous 1.2 wheel on PyPI equals the installed one."""
+    """balaitous.npz from the balaitous 1.2 wheel on the package index pip uses equals the
+    installed one."""
     if not _registry_reachable():
-        pytest.skip("https://pypi.org is not reachable from here")
+        pytest.skip(f"the package index {configured_index()} is not reachable from here")
     port = _closed_port()
     real_index_only = Sources(
         zenodo=f"http://127.0.0.1:{port}/zenodo",
@@ -319,3 +321,14 @@ def test_heads_from_the_real_registry(tmp_path: Path) -> None:
     fetched = tmp_path / "balaitous.npz"
     assert sha256_of(fetched) == sha256_of(published_heads_path())
     assert read_manifest(tmp_path) == {"balaitous.npz": sha256_of(fetched)}
+
+
+def test_the_index_is_the_one_pip_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$PIP_INDEX_URL, else pip's configuration files, as pip itself reads them."""
+    config = tmp_path / "pip.conf"
+    config.write_text("[global]\nindex-url = http://127.0.0.1:9/simple\n")
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    assert configured_index() == "http://127.0.0.1:9/simple"
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:8/simple")
+    assert configured_index() == "http://127.0.0.1:8/simple"
