@@ -1,13 +1,23 @@
 # STOIC2021 algorithm container: Balaitous and the 3D ConvNeXt, offline, as a non-root user.
 #
 # Build it with ./build.sh, which first resolves the Python packages into wheelhouse/ on the
-# host (scripts/wheelhouse.sh): this build reaches no network. The base image brings Python
-# >= 3.11 (lungmask 0.2.22 needs it) and a CUDA build of torch 2.13.0; CUDA 12.8 runs on
-# Turing (T4) and Ampere (A10G) GPUs with a driver >= 570. Stages: `code` (the default
-# image: code and dependencies; the model files are mounted at /opt/ml/model, as
-# grand-challenge does with the model tarball) and `model-baked` (the same with model/ in
-# the image: ./build.sh --bake-model).
-ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
+# host (scripts/wheelhouse.sh): this build reaches no network.
+#
+# The base: PyTorch's own image of torch 2.13.0, pinned by digest, so that every build gets
+# the same bytes. torch 2.13.0 is published for CUDA 12.6, 13.0 and 13.2; 12.6 is the build
+# grand-challenge's own template uses and the one that asks least of the platform's GPU
+# drivers: CUDA 12.x runs on NVIDIA driver 525.60.13 or newer (minor-version
+# compatibility), CUDA 13 needs 580 or newer, and the platform does not publish the driver
+# of its T4 and A10G machines. A driver too old for the image's CUDA is named in a warning
+# at start-up, and the job then runs on the CPU. Python is 3.11 or newer (lungmask 0.2.22
+# needs it).
+#
+# Targets: `invoke` (the default: grand-challenge's invoke API, a web server on port 4743
+# that loads the model once and runs one job per POST /invoke) and `exec` (the entry point
+# runs one job to completion: ./build.sh --api exec); each also as `*-model-baked` with
+# model/ in the image (./build.sh --bake-model). Without it the model files are mounted at
+# /opt/ml/model, as grand-challenge does with the model tarball.
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime@sha256:6acf597eeb8e376a96580dde4952f37cc017fef732bb40bfc73f28f25e3f64b4
 FROM ${BASE_IMAGE} AS code
 
 # Nothing is downloaded at run time. The root file system is read-only on the platform:
@@ -44,11 +54,24 @@ RUN python -c "import importlib, pkgutil, process, train, stoic_ct; \
  if m.name != 'stoic_ct.__main__']"
 
 USER 1001:1001
-# The inference container. For the final-phase training run: --entrypoint python IMAGE train.py
+
+# The exec API: one job per start; for the final-phase training run, --entrypoint python
+# IMAGE train.py.
+FROM code AS exec
+LABEL org.grand-challenge.api-method="exec"
 ENTRYPOINT ["python", "-m", "process"]
 
-FROM code AS model-baked
+# The invoke API: started once; /health, then one job per POST /invoke.
+FROM code AS invoke
+LABEL org.grand-challenge.api-method="invoke"
+EXPOSE 4743
+ENTRYPOINT ["python", "-m", "stoic_ct", "serve"]
+
+FROM exec AS exec-model-baked
 COPY --chown=user:user model/ /opt/app/model/
 
-# The default image: code and dependencies, no model files.
-FROM code
+FROM invoke AS invoke-model-baked
+COPY --chown=user:user model/ /opt/app/model/
+
+# The default image: the invoke API, code and dependencies, no model files.
+FROM invoke

@@ -4,12 +4,18 @@ set -euo pipefail
 
 usage() {
     cat <<USAGE
-Usage: ./build.sh [--tag NAME] [--base-image IMAGE] [--bake-model [--allow-random-weights]]
+Usage: ./build.sh [--tag NAME] [--api invoke|exec] [--base-image IMAGE]
+                  [--bake-model [--allow-random-weights]]
 
 Resolves the Python packages for the base image into wheelhouse/ on the host
 (scripts/wheelhouse.sh; kept while requirements.txt and the base image's Python match),
 then builds the image (default tag: stoic-balaitous) from the Dockerfile, which installs
 them with 'pip install --no-index': the build itself reaches no network.
+
+--api chooses grand-challenge's container API (the image's label
+org.grand-challenge.api-method and its entry point). invoke (the default): a web server
+on port 4743 that loads the model once and runs one job per POST /invoke (python -m
+stoic_ct serve). exec: the entry point runs one job to completion (python -m process).
 
 By default the image holds code and dependencies only: the model files are mounted at
 /opt/ml/model when it runs (./test.sh does; grand-challenge extracts the uploaded
@@ -19,14 +25,14 @@ run 'make setup' once); model/ with random weights is refused unless
 --allow-random-weights (for tests).
 
 --base-image IMAGE builds on another base (default: the Dockerfile's BASE_IMAGE, the
-pinned PyTorch 2.13.0 CUDA image): it must have Python >= 3.11 as 'python' and torch
+PyTorch 2.13.0 CUDA 12.6 image, pinned by digest): it must have Python >= 3.11 as 'python' and torch
 2.13.0. The engine is docker when its service answers, else podman (CONTAINER_ENGINE
 chooses).
 USAGE
 }
 
 here="$(cd "$(dirname "$0")" && pwd -P)"
-options="base-image bake-model allow-random-weights"
+options="base-image bake-model allow-random-weights api"
 # shellcheck source=scripts/args.sh
 source "$here/scripts/args.sh"
 # shellcheck source=scripts/engine.sh
@@ -34,10 +40,10 @@ source "$here/scripts/engine.sh"
 # shellcheck source=scripts/model.sh
 source "$here/scripts/model.sh"
 
-target=code
+target=$api
 if [ "$bake_model" = true ]; then
     check_model_dir "$here/model"
-    target=model-baked
+    target=$api-model-baked
 fi
 
 "$here/scripts/wheelhouse.sh" "$base_image" "$here/wheelhouse"

@@ -4,12 +4,14 @@ set -euo pipefail
 
 usage() {
     cat <<USAGE
-Usage: ./test.sh [--tag NAME] [--base-image IMAGE] [--model-dir DIR | --bake-model]
-                 [--allow-random-weights]
+Usage: ./test.sh [--tag NAME] [--api invoke|exec] [--base-image IMAGE]
+                 [--model-dir DIR | --bake-model] [--allow-random-weights]
 
-Builds the image (./build.sh, same options), then runs it on test/input as grand-challenge
-runs a job (scripts/platform-run.sh: no network, read-only input and root file system,
-an empty /tmp, 8 GB of memory, uid 1001, a GPU only where the engine can give one) with
+Builds the image (./build.sh, same options; the invoke API by default), then runs it on
+test/input as grand-challenge runs a job with the image's API (scripts/platform-run.sh:
+no network, read-only input and root file system, an empty /tmp, 8 GB of memory and data
+limit, uid 1001, a GPU only where the engine can give one; invoke: the server started,
+/health polled, one POST /invoke, then SIGTERM) with
 the model folder DIR (default: model/, after fetching what it lacks and checking all four
 files) mounted read-only at /opt/ml/model; with --bake-model the image carries model/
 instead. Both outputs are compared with test/expected_output.json within 1e-4 when that
@@ -23,7 +25,7 @@ USAGE
 }
 
 here="$(cd "$(dirname "$0")" && pwd -P)"
-options="base-image bake-model model-dir allow-random-weights"
+options="base-image bake-model model-dir allow-random-weights api"
 # shellcheck source=scripts/args.sh
 source "$here/scripts/args.sh"
 # shellcheck source=scripts/engine.sh
@@ -31,7 +33,7 @@ source "$here/scripts/engine.sh"
 # shellcheck source=scripts/model.sh
 source "$here/scripts/model.sh"
 
-build=(--tag "$tag" --base-image "$base_image")
+build=(--tag "$tag" --api "$api" --base-image "$base_image")
 run=()
 if [ "$bake_model" = true ]; then
     [ -z "$model_dir" ] || { echo "error: --bake-model bakes model/; it takes no --model-dir" >&2; exit 2; }
@@ -49,7 +51,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir "$work/output"
 chmod 777 "$work/output"
-echo "running $tag on test/input as grand-challenge does"
+echo "running $tag on test/input as grand-challenge does (the $api API)"
 "$here/scripts/platform-run.sh" "${run[@]}" "$tag" "$here/test/input" "$work/output" \
     2> >(tee "$work/stderr" >&2)
 # Wait for tee to write all of stderr.

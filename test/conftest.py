@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from stoic_ct.phantom import write_phantom_cohort
 from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
 from stoic_ct.weights.fetch import UnreachableError, configured_index
 from stoic_ct.weights.random_weights import write_random_model_dir
+from timings import MEASURED, Timings
 
 torch.set_num_threads(2)
 
@@ -116,3 +118,21 @@ def real_scans() -> dict[str, Path]:
         pytest.skip(
             f"the real chest CTs cannot be fetched, the package index is unreachable: {error}"
         )
+
+
+@pytest.fixture(scope="session")
+def timings() -> Timings:
+    """Where a test records the durations it measures."""
+    return Timings()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures the tests measured, at the end of the run and in .cache/."""
+    if not MEASURED:
+        return
+    terminalreporter.section("measured times")
+    for name, figure in MEASURED.items():
+        terminalreporter.write_line(f"{figure:>12}  {name}")
+    path = REPOSITORY / ".cache" / "test-timings.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(MEASURED, indent=1) + "\n")

@@ -79,9 +79,28 @@ def test_every_copied_path_is_in_the_context() -> None:
             assert any(f == source or f.startswith(source) for f in context), source
 
 
+def test_the_base_image_is_pinned_by_digest() -> None:
+    """The FROM line names one image by its content: a tag alone can be moved."""
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE, flags=re.MULTILINE)
+    assert base is not None
+    name, _, digest = base.group(1).partition("@")
+    assert name == "pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime"
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), digest
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS code$", DOCKERFILE, flags=re.MULTILINE)
+    assert "CUDA 12.6" in DOCKERFILE and "580" in DOCKERFILE  # the reason is written there
+
+
+def _stages() -> dict[str, str]:
+    """Each stage's text by its name (the last, unnamed one as "default")."""
+    stages = re.split(r"^FROM ", DOCKERFILE, flags=re.MULTILINE)[1:]
+    named = {}
+    for stage in stages:
+        head, _, body = stage.partition("\n")
+        named[head.split(" AS ")[1] if " AS " in head else "default"] = head + "\n" + body
+    return named
+
+
 def test_recipe() -> None:
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)", DOCKERFILE, flags=re.MULTILINE)
-    assert base is not None and base.group(1).startswith("pytorch/pytorch:2.13.0-cuda")
     torch_pin = re.search(
         r"^torch==(\S+)$", (REPOSITORY / "requirements.txt").read_text(), flags=re.MULTILINE
     )
@@ -90,16 +109,27 @@ def test_recipe() -> None:
     assert re.search(r"^ENV PYTHONUNBUFFERED=1", DOCKERFILE, flags=re.MULTILINE)
     users = re.findall(r"^USER (\S+)$", DOCKERFILE, flags=re.MULTILINE)
     assert users and users[-1] not in ("root", "0", "0:0")
-    # Stages: `code` ends with the entry point; `model-baked` adds model/; the last stage,
-    # which a plain build gives, is `code` again.
-    stages = re.split(r"^FROM ", DOCKERFILE, flags=re.MULTILINE)[1:]
-    assert [stage.split("\n", 1)[0] for stage in stages] == [
-        "${BASE_IMAGE} AS code",
-        "code AS model-baked",
+    # The two APIs, each labelled as the platform reads it, with and without model/; a
+    # plain build gives the invoke image.
+    stages = _stages()
+    assert list(stages) == [
         "code",
+        "exec",
+        "invoke",
+        "exec-model-baked",
+        "invoke-model-baked",
+        "default",
     ]
-    assert stages[0].rstrip().endswith('ENTRYPOINT ["python", "-m", "process"]')
-    assert "model/" not in stages[0] and "COPY --chown=user:user model/" in stages[1]
+    assert 'LABEL org.grand-challenge.api-method="exec"' in stages["exec"]
+    assert 'ENTRYPOINT ["python", "-m", "process"]' in stages["exec"]
+    assert 'LABEL org.grand-challenge.api-method="invoke"' in stages["invoke"]
+    assert 'ENTRYPOINT ["python", "-m", "stoic_ct", "serve"]' in stages["invoke"]
+    assert stages["default"].strip() == "invoke"
+    for api in ("exec", "invoke"):
+        assert stages[f"{api}-model-baked"].startswith(f"{api} AS {api}-model-baked")
+        assert "COPY --chown=user:user model/" in stages[f"{api}-model-baked"]
+        assert "model/" not in stages[api]
+    assert "model/" not in stages["code"].split("FROM", 1)[0].replace("/opt/ml/model", "")
     # No network in the build: the wheels come from the host's wheelhouse, nothing else.
     installs = re.findall(r"pip install[^\n]*\n[^\n]*", DOCKERFILE)
     assert installs and all("--no-index" in i and "--no-deps" in i for i in installs), installs

@@ -26,9 +26,11 @@ from stoic_ct.weights.model_files import (
     ALL_FILES,
     MANIFEST,
     RANDOM_WEIGHTS_MARKER,
+    SYSTEM_RECORD,
     sha256_of,
     write_manifest,
 )
+from stoic_ct.weights.system_record import origin, write_system_record
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SCRIPTS = ("build.sh", "test.sh", "export.sh")
@@ -37,13 +39,20 @@ PINNED_BASE = re.search(
 )
 
 FAKE_DOCKER = r"""#!/usr/bin/env bash
-printf '%s\n' "$*" >> "$DOCKER_LOG"
+all="$*"
+printf '%s\n' "${all//$'\n'/ }" >> "$DOCKER_LOG"
+write_outputs() {
+    echo "${COVID:-0.25}" > "$1/probability-covid-19.json"
+    echo 0.5 > "$1/probability-severe-covid-19.json"
+}
 case "$1" in
     info)
         [ "${DOCKER_INFO_RC:-0}" = 0 ] || exit "$DOCKER_INFO_RC"
         [ "$2" = --format ] && echo "${DOCKER_RUNTIMES:-{\"runc\":{}\}}"
         exit 0 ;;
-    image) [ "$3" = --format ] && echo 2000000000; exit 0 ;;
+    image)
+        case "$*" in *Labels*) echo "${API_LABEL-invoke}"; exit 0 ;; esac
+        [ "$3" = --format ] && echo 2000000000; exit 0 ;;
     history)
         # The base image's one layer under the Dockerfile's three.
         [ "$2" = --quiet ] && case "$3" in
@@ -54,16 +63,33 @@ case "$1" in
     build) exit 0 ;;
     save) echo "image bytes"; exit 0 ;;
     run)
-        previous=""
+        previous="" out=""
         for arg in "$@"; do
-            if [ "$previous" = --volume ] && [[ "$arg" == *:/output ]]; then
-                out="${arg%:/output}"
-                echo "${COVID:-0.25}" > "$out/probability-covid-19.json"
-                echo 0.5 > "$out/probability-severe-covid-19.json"
-            fi
+            [ "$previous" = --volume ] && [[ "$arg" == *:/output ]] && out="${arg%:/output}"
             previous="$arg"
         done
+        if [[ " $* " == *" --detach "* ]]; then
+            echo "$out" > "$DOCKER_LOG.output"  # the invoke API: outputs at POST /invoke
+            echo 0123abcd
+            exit 0
+        fi
+        write_outputs "$out"
         echo "12:00:00 WARNING a warning the platform would show" >&2
+        exit 0 ;;
+    exec)
+        call="${*: -2:1}"
+        if [ "$call" = health ]; then
+            echo "200 0.010"
+            exit 0
+        fi
+        [ "${INVOKE_STATUS:-201}" != 201 ] || write_outputs "$(cat "$DOCKER_LOG.output")"
+        echo "${INVOKE_STATUS:-201} 1.500"
+        [ "${INVOKE_STATUS:-201}" = 201 ]; exit ;;
+    inspect) echo true; exit 0 ;;
+    stop|rm) exit 0 ;;
+    logs)
+        echo "12:00:00 WARNING a warning the platform would show" >&2
+        echo "12:00:00 INFO model loaded"
         exit 0 ;;
 esac
 exit 3
@@ -81,7 +107,7 @@ def checkout(tmp_path: Path, tiny_model_dir: Path) -> Path:
     (root / "scripts").mkdir(parents=True)
     for script in (*SCRIPTS, "Dockerfile"):
         shutil.copy2(REPOSITORY / script, root / script)
-    for script in ("args.sh", "engine.sh", "model.sh", "platform-run.sh"):
+    for script in ("args.sh", "engine.sh", "model.sh", "platform-run.sh", "invoke-client.py"):
         shutil.copy2(REPOSITORY / "scripts" / script, root / "scripts" / script)
     (root / "scripts" / "wheelhouse.sh").write_text(FAKE_WHEELHOUSE)
     (root / "scripts" / "wheelhouse.sh").chmod(0o755)
@@ -137,13 +163,11 @@ def test_help_and_bad_arguments(script: str) -> None:
 
 
 def test_options_a_script_does_not_take() -> None:
-    """export.sh uploads the model separately: it takes no --bake-model, and never random
-    weights."""
-    for option in ("--bake-model", "--allow-random-weights"):
-        done = subprocess.run(
-            [str(REPOSITORY / "export.sh"), option], capture_output=True, text=True
-        )
-        assert done.returncode == 2 and f"unknown argument '{option}'" in done.stderr
+    """export.sh uploads the model separately: it takes no --bake-model."""
+    done = subprocess.run(
+        [str(REPOSITORY / "export.sh"), "--bake-model"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "unknown argument '--bake-model'" in done.stderr
 
 
 def test_no_engine(checkout: Path, tmp_path: Path) -> None:
@@ -184,7 +208,7 @@ def test_build(checkout: Path, docker: dict[str, str]) -> None:
     base = PINNED_BASE.group(1)
     assert calls(docker, "wheelhouse") == [f"wheelhouse {base} {checkout}/wheelhouse"]
     assert calls(docker, "build") == [
-        f"build --target code --build-arg BASE_IMAGE={base} --tag mine {checkout}"
+        f"build --target invoke --build-arg BASE_IMAGE={base} --tag mine {checkout}"
     ]
     assert "MANIFEST" not in done.stderr
     # The size report: both sizes, and the layers the Dockerfile adds (not the empty one).
@@ -203,7 +227,18 @@ def test_bake_model(checkout: Path, docker: dict[str, str]) -> None:
     done = run(checkout / "build.sh", docker, "--bake-model")
     assert done.returncode == 0, done.stderr
     assert "present and matches the MANIFEST" in done.stderr
-    assert "--target model-baked" in calls(docker, "build")[0]
+    assert "--target invoke-model-baked" in calls(docker, "build")[0]
+    done = run(checkout / "build.sh", docker, "--bake-model", "--api", "exec")
+    assert done.returncode == 0, done.stderr
+    assert "--target exec-model-baked" in calls(docker, "build")[-1]
+
+
+def test_build_the_exec_image(checkout: Path, docker: dict[str, str]) -> None:
+    done = run(checkout / "build.sh", docker, "--api", "exec")
+    assert done.returncode == 0, done.stderr
+    assert "--target exec " in calls(docker, "build")[0]
+    done = run(checkout / "build.sh", docker, "--api", "batch")
+    assert done.returncode == 2 and "--api must be invoke or exec, not 'batch'" in done.stderr
 
 
 def test_bake_model_refuses_random_weights(checkout: Path, docker: dict[str, str]) -> None:
@@ -215,7 +250,7 @@ def test_bake_model_refuses_random_weights(checkout: Path, docker: dict[str, str
     done = run(checkout / "build.sh", docker, "--bake-model", "--allow-random-weights")
     assert done.returncode == 0, done.stderr
     assert "RANDOMLY INITIALISED weights (--allow-random-weights)" in done.stderr
-    assert "--target model-baked" in calls(docker, "build")[0]
+    assert "--target invoke-model-baked" in calls(docker, "build")[0]
 
 
 def test_bake_model_stops_on_a_missing_model_file(checkout: Path, docker: dict[str, str]) -> None:
@@ -229,28 +264,63 @@ def test_bake_model_stops_on_a_missing_model_file(checkout: Path, docker: dict[s
     assert calls(docker, "build") == []
 
 
+PLATFORM_FLAGS = (
+    "--network none",
+    "--memory=8g --memory-swap=8g",
+    "--ulimit data=8589934592:8589934592",  # the shim's RLIMIT_DATA: the job's memory
+    "--cap-drop=ALL",
+    "--security-opt=no-new-privileges",
+    "--pids-limit 256",
+    "--shm-size=128m",
+    "--read-only",
+    "--tmpfs /tmp:rw,exec,mode=1777",
+)
+
+
 def test_test_script_runs_as_the_platform(checkout: Path, docker: dict[str, str]) -> None:
+    """The default (invoke) image: started once, /health polled from inside the container,
+    one POST /invoke, stopped with SIGTERM; its stderr listed."""
     done = run(checkout / "test.sh", docker)
     assert done.returncode == 0, done.stderr
     run_call = calls(docker, "run")[-1]
     for flag in (
-        "--network none",
-        "--memory=8g --memory-swap=8g",
-        "--cap-drop=ALL",
-        "--security-opt=no-new-privileges",
-        "--pids-limit 256",
-        "--shm-size=128m",
-        "--read-only",
-        "--tmpfs /tmp:rw,exec,mode=1777",
+        *PLATFORM_FLAGS,
+        "--detach --name stoic-invoke-",
         f"--volume {REPOSITORY}/test/input:/input:ro",  # the checkout's test/ links there
         f"--volume {checkout}/model:/opt/ml/model:ro",
     ):
         assert flag in run_call, flag
     assert "--gpus" not in run_call
+    name = run_call.split("--name ")[1].split()[0]
+    exec_calls = calls(docker, "exec")
+    assert [c.split()[-2:] for c in exec_calls] == [["health", "10"], ["invoke", "3600"]]
+    assert all(c.startswith(f"exec {name} python -c ") for c in exec_calls)
+    assert calls(docker, "stop") == [f"stop --time 5 {name}"]
+    assert calls(docker, "rm") == [f"rm --force {name}"]
     assert "the job runs on the CPU" in done.stdout
+    assert "POST /invoke: 201 in 1.500 s" in done.stdout
     assert "format and range ok" in done.stdout and "not compared" in done.stdout
     assert "the container wrote 1 line(s) to stderr" in done.stdout
     assert "    12:00:00 WARNING a warning the platform would show" in done.stdout
+
+
+def test_test_script_with_the_exec_api(checkout: Path, docker: dict[str, str]) -> None:
+    """The exec image runs to completion; platform-run.sh reads the API from its label."""
+    done = run(checkout / "test.sh", {**docker, "API_LABEL": "exec"}, "--api", "exec")
+    assert done.returncode == 0, done.stderr
+    assert "--target exec " in calls(docker, "build")[0]
+    run_call = calls(docker, "run")[-1]
+    assert all(flag in run_call for flag in PLATFORM_FLAGS)
+    assert run_call.startswith("run --rm ") and "--detach" not in run_call
+    assert calls(docker, "exec") == []
+    assert "the container wrote 1 line(s) to stderr" in done.stdout
+
+
+def test_a_failed_invoke_fails_the_test(checkout: Path, docker: dict[str, str]) -> None:
+    done = run(checkout / "test.sh", {**docker, "INVOKE_STATUS": "422"})
+    assert done.returncode == 1
+    assert "POST /invoke: 422" in done.stdout
+    assert len(calls(docker, "stop")) == 1  # the server is stopped all the same
 
 
 def test_a_gpu_only_where_the_engine_can_give_one(checkout: Path, docker: dict[str, str]) -> None:
@@ -264,7 +334,7 @@ def test_a_gpu_only_where_the_engine_can_give_one(checkout: Path, docker: dict[s
 def test_test_script_with_a_baked_model(checkout: Path, docker: dict[str, str]) -> None:
     done = run(checkout / "test.sh", docker, "--bake-model")
     assert done.returncode == 0, done.stderr
-    assert "--target model-baked" in calls(docker, "build")[0]
+    assert "--target invoke-model-baked" in calls(docker, "build")[0]
     assert "/opt/ml/model" not in calls(docker, "run")[-1]
     done = run(checkout / "test.sh", docker, "--bake-model", "--model-dir", "x")
     assert done.returncode == 2 and "it takes no --model-dir" in done.stderr
@@ -329,7 +399,7 @@ def test_test_script_compares_recorded_values(
 def test_export(checkout: Path, docker: dict[str, str]) -> None:
     done = run(checkout / "export.sh", docker, "--tag", "mine")
     assert done.returncode == 0, done.stderr
-    assert "--target code" in calls(docker, "build")[0]
+    assert "--target invoke " in calls(docker, "build")[0]
     assert "save mine" in calls(docker)
     assert (checkout / "mine.tar.gz").is_file()
     with tarfile.open(checkout / "model.tar.gz") as archive:
@@ -342,3 +412,26 @@ def test_export_refuses_random_weights(checkout: Path, docker: dict[str, str]) -
     assert done.returncode == 1 and "randomly initialised weights" in done.stderr
     assert calls(docker, "build") == [] and calls(docker, "save") == []
     assert not (checkout / "model.tar.gz").exists()
+
+
+def test_export_a_trained_folder(checkout: Path, docker: dict[str, str], tmp_path: Path) -> None:
+    """A folder with a system.json is checked against its MANIFEST (check-model), with no
+    download; --model-only packs it alone, the random weights' marker with it."""
+    folder = Path(shutil.copytree(checkout / "model", tmp_path / "trained"))
+    (folder / RANDOM_WEIGHTS_MARKER).write_text("random")
+    write_system_record(folder, "balaitous", "vit", origin("a test"))
+    out = tmp_path / "upload"
+    arguments = ["--model-dir", str(folder), "--model-only", "--dest", str(out)]
+    done = run(checkout / "export.sh", docker, *arguments, "--allow-random-weights")
+    assert done.returncode == 0, done.stderr
+    assert "system balaitous (encoder vit)" in done.stdout
+    assert calls(docker, "build") == [] and not (out / "stoic-balaitous.tar.gz").exists()
+    with tarfile.open(out / "model.tar.gz") as archive:
+        names = sorted(archive.getnames())
+    assert names == sorted(
+        [*(s.name for s in ALL_FILES), SYSTEM_RECORD.name, RANDOM_WEIGHTS_MARKER, MANIFEST]
+    )
+    (folder / "balaitous.npz").write_bytes(b"changed")
+    done = run(checkout / "export.sh", docker, *arguments, "--allow-random-weights")
+    assert done.returncode == 1
+    assert "balaitous.npz: differs from the sha256 its MANIFEST line gives" in done.stderr
