@@ -21,9 +21,11 @@ ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime@sha256:6acf597eeb8
 FROM ${BASE_IMAGE} AS code
 
 # Nothing is downloaded at run time. The root file system is read-only on the platform:
-# a library that still looks for a cache finds a writable one under /tmp.
+# a library that still looks for a cache finds a writable one under /tmp. The code is
+# found from any working directory (the platform's shim starts the entry point from its own).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONPATH=/opt/app \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TORCH_HOME=/tmp/torch \

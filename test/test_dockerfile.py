@@ -107,6 +107,7 @@ def test_recipe() -> None:
     assert torch_pin is not None and torch_pin.group(1) == "2.13.0"
     assert "assert sys.version_info >= (3, 11)" in DOCKERFILE
     assert re.search(r"^ENV PYTHONUNBUFFERED=1", DOCKERFILE, flags=re.MULTILINE)
+    assert "    PYTHONPATH=/opt/app " in DOCKERFILE  # the entry points run from any directory
     users = re.findall(r"^USER (\S+)$", DOCKERFILE, flags=re.MULTILINE)
     assert users and users[-1] not in ("root", "0", "0:0")
     # The two APIs, each labelled as the platform reads it, with and without model/; a

@@ -397,12 +397,13 @@ def invoke_container(engine: str) -> Iterator[Callable[..., tuple[InvokeContaine
     names: list[str] = []
 
     def start(
-        image: str, input_dir: Path, output: Path, model: Path
+        image: str, input_dir: Path, output: Path, model: Path, *engine_args: str
     ) -> tuple[InvokeContainer, float]:
         name = f"stoic-ct-test-{os.getpid()}-{len(names)}"
         names.append(name)
         open_to_all(input_dir)
         command = ["scripts/platform-run.sh", "--model", str(model), "--detach", name]
+        command += [f"--engine-arg={a}" for a in engine_args]
         done = run([*command, image, input_dir, output], 600)
         assert done.returncode == 0, done.stdout + done.stderr
         healthy = float(done.stdout.split("healthy ")[1].split(" s")[0])
@@ -525,7 +526,8 @@ def test_the_final_phase_in_the_form_it_ships(
 
     case, served = tmp_path / "case", writable_folder(tmp_path / "served")
     write_case(case, THIN_PHANTOM)
-    container, healthy = invoke_container(image, case, served, extracted)
+    # From another working directory than the image's: the shim starts it from its own.
+    container, healthy = invoke_container(image, case, served, extracted, "--workdir=/")
     status, seconds = container.invoke()
     timings.add("final phase: the invoke image on the trained folder, start to healthy", healthy)
     timings.add("final phase: POST /invoke with the ensemble", seconds)
