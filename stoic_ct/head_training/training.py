@@ -378,7 +378,7 @@ def record_heads(model_dir: Path, document: dict[str, Any], what: str) -> System
     kind = recorded_encoder(document)
     if not all((model_dir / spec.name).is_file() for spec in system_files("balaitous", kind.name)):
         return None
-    earlier = read_system_record(model_dir) if (model_dir / SYSTEM_RECORD.name).exists() else None
+    earlier = read_system_record(model_dir)
     system = "ensemble" if earlier is not None and earlier.system == "ensemble" else "balaitous"
     tasks = document.get("fit", {}).get("tasks", {})
     entry = origin(
