@@ -19,7 +19,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,7 @@ def write_system_record(
         )
     earlier = _load(model_dir)  # a malformed record stops here: its history is not lost
     history = (*(earlier.history if earlier else ()), entry)
-    record = SystemRecord(record.system, record.encoder, record.files, history)
+    record = replace(record, history=history)
     document = {
         "format": RECORD_FORMAT,
         "system": record.system,
