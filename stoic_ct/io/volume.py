@@ -54,9 +54,11 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> Volume:
-        """A Volume over a 3D scalar SimpleITK image: its voxels a read-only view, no copy."""
+        """A Volume over a 3D scalar SimpleITK image: its voxels a read-only view, no copy,
+        that keeps the image alive (SimpleITK's own view does not: a view taken from a
+        Volume that is then dropped would read freed memory)."""
         return cls(
-            voxels=sitk.GetArrayViewFromImage(image),
+            voxels=np.asarray(_Pinned(sitk.GetArrayViewFromImage(image), image)),
             spacing=_vector3(image.GetSpacing()),
             origin=_vector3(image.GetOrigin()),
             direction=tuple(float(c) for c in image.GetDirection()),
@@ -72,6 +74,15 @@ class Volume:
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
+
+
+class _Pinned:
+    """An array interface that holds the image its memory belongs to: numpy keeps it as the
+    base of the array made from it, so the image lives as long as any view of it."""
+
+    def __init__(self, view: np.ndarray, image: sitk.Image) -> None:
+        self.__array_interface__ = view.__array_interface__
+        self.view, self.image = view, image
 
 
 def _vector3(values: tuple[float, ...]) -> Vector3:

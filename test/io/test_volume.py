@@ -33,3 +33,19 @@ def test_with_voxels_keeps_geometry_and_checks_shape() -> None:
     assert volume.with_voxels(np.ones((2, 3, 4))).direction == DIRECTION
     with pytest.raises(ValueError, match="do not fit"):
         volume.with_voxels(np.ones((2, 3, 5)))
+
+
+def test_the_voxels_of_a_dropped_volume_still_hold_its_image() -> None:
+    """SimpleITK's array view does not keep its image alive; the Volume's voxels must, or
+    `reoriented(volume).voxels` reads freed memory once the temporary Volume is gone."""
+    expected = np.arange(40 * 30 * 20, dtype=np.int16).reshape(20, 30, 40)
+
+    def voxels_of_a_temporary() -> np.ndarray:
+        return Volume.from_sitk(sitk.GetImageFromArray(expected.copy())).voxels
+
+    views = [voxels_of_a_temporary() for _ in range(20)]
+    clutter = [np.full((20, 30, 40), -1, dtype=np.int16) for _ in range(20)]  # reuse memory
+    for view in views:
+        np.testing.assert_array_equal(view, expected)
+        assert not view.flags.writeable
+    assert len(clutter) == 20
