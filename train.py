@@ -3,6 +3,7 @@ training layout, into one model folder.
 
     python train.py [--system balaitous|convnext3d|both] [--input /input] [--output /output]
                     [--scratch /scratch] [--model-dir DIR] [--devices auto|cpu|cuda:0,...]
+                    [--rank-timeout 60]
                     [--precision exact|fast] [--encoder vit|convnext3d-frozen]
                     [--lung-masks DIR] [--convnext KEY=VALUE ...]
                     [--evaluate] [--folds 8] [--repeats 4] [--seed 0]
@@ -15,10 +16,16 @@ convnext3d_severe.pth; starting from the model folder's convnext3d.pth when it h
 both (the default): the two, then the ensemble's weights from their out-of-fold
 predictions (OUTPUT/ensemble.json, ensemble-report/). The encoders and the U-Net are copied
 from the model folder and OUTPUT/MANIFEST lists every model file: OUTPUT is a complete
-model folder for process.py and export.sh. Every device is used: the feature extraction
-is sharded and the ConvNeXt's folds shared among them. Scans that fail are reported and
-left out. Everything slow is cached under SCRATCH: run it again after an interruption and
-it resumes.
+model folder for process.py and export.sh. Scans that fail are reported and left out.
+Everything slow is cached under SCRATCH: run it again after an interruption and it
+resumes.
+
+On several GPUs or machines: `torchrun --nproc_per_node=G [--nnodes=M --rdzv_backend=c10d
+--rdzv_endpoint=HOST:PORT] train.py ...` (or --devices cuda:0,cuda:1 on one machine).
+The ranks share the scans' features in chunks and the ConvNeXt's (task, fold) units,
+each claimed in SCRATCH (which every rank must see) so that none is done twice; where
+ranks outnumber the units left, several train one together (DistributedDataParallel).
+Rank 0 writes OUTPUT once every unit is done.
 
 In the container: `docker run --entrypoint python IMAGE train.py`, with the cohort at
 /input, the model folder at /opt/ml/model, a writable /output and /scratch. Progress goes
@@ -33,15 +40,21 @@ import logging
 import sys
 import typing
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stoic_ct.errors import StoicError
 from stoic_ct.logs import configure_logging
-from stoic_ct.options import add_model_arguments
+from stoic_ct.options import add_model_arguments, add_rank_arguments
 from stoic_ct.runtime import log_runtime
 from stoic_ct.weights.model_files import default_model_dir
 from stoic_ct.weights.system_record import invoked_as
+
+if TYPE_CHECKING:
+    import torch
+
+    from stoic_ct.distributed import Ranks
 
 logger = logging.getLogger("stoic_ct.train")
 
@@ -57,12 +70,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("/output"))
     parser.add_argument("--scratch", type=Path, default=Path("/scratch"))
     add_model_arguments(parser, device=False)
-    parser.add_argument(
-        "--devices",
-        default="auto",
-        help="where to train: auto (every CUDA GPU, else the CPU; the default) or a comma "
-        "list such as cuda:0,cuda:1",
-    )
+    add_rank_arguments(parser)
     parser.add_argument(
         "--lung-masks",
         type=Path,
@@ -119,40 +127,47 @@ def convnext_values(pairs: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, write; 0 on success, 1 with a one-line message otherwise."""
-    args = parse_args(argv)
-    invoked_as("train.py", sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(given)
+    invoked_as("train.py", given)
     configure_logging(information_to_stdout=True)
     log_runtime()
     try:
-        from stoic_ct.final_training import TrainingRun, train
-        from stoic_ct.head_training.training import FitSettings
-        from stoic_ct.inference.precision import ModelSettings
-        from stoic_ct.parallel import training_devices
-        from stoic_ct.weights.system_record import choose
+        from stoic_ct.distributed import run_ranks
 
-        devices = training_devices(args.devices)
-        model_dir = args.model_dir or default_model_dir()
-        encoder = choose(model_dir, encoder=args.encoder).encoder
-        run = TrainingRun(
-            input_dir=args.input,
-            output_dir=args.output,
-            scratch_dir=args.scratch,
-            model_dir=model_dir,
-            system=args.system,
-            model=ModelSettings(devices[0], args.precision, encoder),
-            devices=tuple(devices),
-            orientation=args.orientation,
-            lung_masks=args.lung_masks,
-            heads=FitSettings(seed=args.seed),
-            folds=args.folds,
-            repeats=args.repeats,
-            evaluate=args.evaluate,
-            convnext=convnext_values(args.convnext),
-        )
-        train(run)
+        command = [sys.executable, str(Path(__file__).resolve()), *given]
+        return run_ranks(command, args.devices, args.rank_timeout, partial(on_rank, args))
     except StoicError as error:
         logger.error("%s", error)
         return 1
+
+
+def on_rank(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
+    """This rank's part of the training run."""
+    from stoic_ct.final_training import TrainingRun, train
+    from stoic_ct.head_training.training import FitSettings
+    from stoic_ct.inference.precision import ModelSettings
+    from stoic_ct.weights.system_record import choose
+
+    model_dir = args.model_dir or default_model_dir()
+    encoder = choose(model_dir, encoder=args.encoder).encoder
+    run = TrainingRun(
+        input_dir=args.input,
+        output_dir=args.output,
+        scratch_dir=args.scratch,
+        model_dir=model_dir,
+        system=args.system,
+        model=ModelSettings(device, args.precision, encoder),
+        ranks=ranks,
+        orientation=args.orientation,
+        lung_masks=args.lung_masks,
+        heads=FitSettings(seed=args.seed),
+        folds=args.folds,
+        repeats=args.repeats,
+        evaluate=args.evaluate,
+        convnext=convnext_values(args.convnext),
+    )
+    train(run)
     return 0
 
 

@@ -25,7 +25,7 @@ class StoicError(Exception):
         return self.message if self.path is None else f"{self.path}: {self.message}"
 
     def __reduce__(self) -> tuple[type[StoicError], tuple[str, Path | None]]:
-        # Keeps the path when the error crosses a process boundary (stoic_ct.parallel).
+        # Keeps the path when the error crosses a process boundary (a spawned rank).
         return type(self), (self.message, self.path)
 
 

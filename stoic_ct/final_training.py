@@ -1,11 +1,11 @@
 """The STOIC2021 final-phase training run (`train.py`): one or both systems and their
 ensemble, trained on a cohort in the training layout, into one complete model folder.
 
-    balaitous   features of every scan (SCRATCH/feature-cache; one shard per device), the
-                four heads (OUTPUT/balaitous.npz, heads.json), and their nested
+    balaitous   features of every scan (SCRATCH/feature-cache, in chunks shared among the
+                ranks), the four heads (OUTPUT/balaitous.npz, heads.json), and their nested
                 cross-validation (SCRATCH/balaitous/oof.csv; OUTPUT/report/ with --evaluate)
     convnext3d  the fine-tuned ConvNeXt for each task (SCRATCH/convnext3d-<task>/, the
-                folds shared among the devices), OUTPUT/convnext3d_<task>.pth
+                ten (task, fold) units shared among the ranks), OUTPUT/convnext3d_<task>.pth
     both        the two, then the ensemble's weights from their out-of-fold predictions
                 (OUTPUT/ensemble.json, OUTPUT/ensemble-report/)
 
@@ -17,6 +17,10 @@ server, which run that system with no option, and what export.sh packs. Everythi
 is kept under SCRATCH, so a run started again after an interruption resumes: cached
 features and cubes, and each fold's last.pt. OUTPUT/training.json records the settings
 and the time of each stage.
+
+Run by several ranks (torchrun, or --devices), every rank prepares and trains its share
+of the units, claimed in SCRATCH (stoic_ct.claims), and the leader (rank 0) writes
+OUTPUT once every unit is done; `train` returns None on the other ranks.
 """
 
 from __future__ import annotations
@@ -30,11 +34,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from stoic_ct.atomic import atomic_write_text
-from stoic_ct.convnext_training.finetuning import finetune
+from stoic_ct.convnext_training.finetuning import FoldPlan, assemble, plan_folds, train_plans
 from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
+from stoic_ct.distributed import ONE_PROCESS, Ranks, gather, in_chunks
 from stoic_ct.ensemble.fitting import fit_ensemble
 from stoic_ct.errors import StoicError
 from stoic_ct.head_training.evaluation import (
@@ -44,7 +47,7 @@ from stoic_ct.head_training.evaluation import (
     report,
     write_oof,
 )
-from stoic_ct.head_training.features import FeatureTable, encoder_key, extract, merge_tables
+from stoic_ct.head_training.features import FeatureTable, encoder_key, extract, fill_cache
 from stoic_ct.head_training.training import (
     FitSettings,
     fit_heads,
@@ -52,11 +55,11 @@ from stoic_ct.head_training.training import (
     to_logistic_heads,
     write_heads,
 )
-from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.inference.pipeline import Balaitous, EncodedScan
 from stoic_ct.inference.precision import ModelSettings
-from stoic_ct.io.cohort import UNKNOWN, Patient, read_cohort, shard
+from stoic_ct.io.cohort import UNKNOWN, Patient, read_cohort
 from stoic_ct.io.orientation import Orientation
-from stoic_ct.parallel import on_devices
+from stoic_ct.io.volume import Volume
 from stoic_ct.preprocessing.cubes import task_patients
 from stoic_ct.weights.model_files import (
     CONVNEXT3D,
@@ -84,8 +87,8 @@ class TrainingRun:
     """What a final-phase training run reads, writes and how.
 
     Attributes:
-        model: how Balaïtous's encoders run (its device: the first of `devices`).
-        devices: every device the run may use.
+        model: how Balaïtous's encoders run, on this rank's device.
+        ranks: this process's place among the ranks of the run.
         heads: how the heads are fitted; folds and repeats: their nested cross-validation.
         convnext: FinetuneSettings values that replace the recipe's, for both tasks.
     """
@@ -96,7 +99,7 @@ class TrainingRun:
     model_dir: Path
     system: str
     model: ModelSettings
-    devices: tuple[torch.device, ...]
+    ranks: Ranks = ONE_PROCESS
     orientation: Orientation = "canonical"
     lung_masks: Path | None = None
     heads: FitSettings = field(default_factory=FitSettings)
@@ -135,37 +138,41 @@ class TrainingRun:
             raise StoicError(f"the ConvNeXt settings: {error}") from None
 
 
-def train(run: TrainingRun) -> Path:
-    """Run every stage `run.system` asks for; returns the model folder (OUTPUT).
+def train(run: TrainingRun) -> Path | None:
+    """Run every stage `run.system` asks for; returns the model folder (OUTPUT) on the
+    leader, None on the other ranks.
 
     Raises:
         StoicError: naming the file or setting at fault.
     """
     patients = read_cohort(run.input_dir)  # a bad cohort fails before anything is written
+    devices = gather(str(run.model.device))
     stages: dict[str, float] = {}
+    started = time.perf_counter()
+    table = balaitous_features(run, patients) if run.trains_balaitous else None
+    if run.trains_balaitous:
+        stages["features"] = time.perf_counter() - started
+    plans = []
+    if run.trains_convnext:
+        started = time.perf_counter()
+        plans = convnext_plans(run)
+        train_plans(plans, run.model.device, run.ranks, progress=False)
+        stages["convnext3d"] = time.perf_counter() - started
+    if not run.ranks.leader:
+        return None
     run.output_dir.mkdir(parents=True, exist_ok=True)
     oof: dict[str, list[Path]] = {}
     auc: dict[str, dict[str, float]] = {}
-    if run.trains_balaitous:
+    if table is not None:
         started = time.perf_counter()
-        path, auc["balaitous"] = train_balaitous(run)
+        path, auc["balaitous"] = train_heads(run, table)
         oof["balaitous"] = [path]
-        stages["balaitous"] = time.perf_counter() - started
+        stages["heads"] = time.perf_counter() - started
     if run.trains_convnext:
-        started = time.perf_counter()
-        oof["convnext3d"], auc["convnext3d"] = train_convnext(run)
-        stages["convnext3d"] = time.perf_counter() - started
+        oof["convnext3d"], auc["convnext3d"] = assemble_convnext(run, plans, stages["convnext3d"])
     if run.system == "both":
         started = time.perf_counter()
-        reference = run.input_dir / "metadata" / "reference.csv"
-        report_dir = run.output_dir / "ensemble-report"
-        document = fit_ensemble(
-            reference, oof["balaitous"], oof["convnext3d"], report_dir, seed=run.heads.seed
-        )
-        shutil.copyfile(report_dir / ENSEMBLE_WEIGHTS.name, run.output_dir / ENSEMBLE_WEIGHTS.name)
-        auc["ensemble"] = {
-            t: entry["heads"]["ensemble"]["auc"] for t, entry in document["tasks"].items()
-        }
+        auc["ensemble"] = train_ensemble(run, oof)
         stages["ensemble"] = time.perf_counter() - started
     complete_model_folder(run)
     entry = origin(
@@ -176,7 +183,7 @@ def train(run: TrainingRun) -> Path:
     record = write_system_record(run.output_dir, TRAINED_SYSTEM[run.system], run.encoder, entry)
     summary = {
         "system": run.system,
-        "devices": [str(d) for d in run.devices],
+        "devices": devices,
         "seconds": {k: round(v, 1) for k, v in stages.items()},
         "convnext": {t: asdict(run.convnext_settings(t)) for t in ("covid", "severe")}
         if run.trains_convnext
@@ -192,18 +199,55 @@ def train(run: TrainingRun) -> Path:
     return run.output_dir
 
 
-def train_balaitous(run: TrainingRun) -> tuple[Path, dict[str, float]]:
-    """Features, heads and their nested cross-validation; returns the out-of-fold table and
-    the nested AUC of each task."""
-    patients = read_cohort(run.input_dir)
-    logger.info(
-        "balaitous: %d scans in %s; models from %s", len(patients), run.input_dir, run.model_dir
-    )
-    count = min(len(run.devices), len(patients))
-    jobs = [(d, ShardJob(run, patients, i + 1, count)) for i, d in enumerate(run.devices[:count])]
-    tables = on_devices(extract_shard, jobs)
-    table = tables[0] if len(tables) == 1 else merge_tables(tables)
+def balaitous_features(run: TrainingRun, patients: list[Patient]) -> FeatureTable | None:
+    """Every scan's features (SCRATCH/features.npz), on the leader. With several ranks,
+    the scans are cached in chunks shared among them first; the leader then reads its
+    table from the cache (a scan that failed is tried once more, and reported)."""
+    with_r231 = run.lung_masks is None
+    key = encoder_key(run.model_dir, run.model.precision, with_r231, run.encoder, run.orientation)
+    cache = run.scratch_dir / "feature-cache"
+    model = _LazyExtractor(run)
+    if not run.ranks.alone:
+        logger.info("balaitous: %d scans in chunks among %d ranks", len(patients), run.ranks.size)
+        in_chunks(
+            [p.id for p in patients],
+            cache,
+            key["encoder_key"],
+            lambda name, rows: fill_cache(
+                [patients[i] for i in rows], model, cache, key, run.lung_masks, progress=False
+            ),
+            run.ranks,
+        )
+    if not run.ranks.leader:
+        return None
+    table = extract(patients, model, cache, key, run.lung_masks, progress=run.ranks.alone)
     table.save(run.scratch_dir / "features.npz")
+    return table
+
+
+class _LazyExtractor:
+    """Balaïtous's feature extractor, loaded at the first scan that needs it (a rank
+    whose scans are all cached loads no model)."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        self.run = run
+        self.model: Balaitous | None = None
+
+    def encode(self, volume: Volume, lung_labels: Volume | None = None) -> EncodedScan:
+        if self.model is None:
+            run = self.run
+            logger.info("balaitous: models from %s on %s", run.model_dir, run.model.device)
+            self.model = Balaitous.feature_extractor(
+                run.model_dir,
+                replace(run.model, encoder=run.encoder),
+                lung_masks="r231" if run.lung_masks is None else "given",
+            )
+        return self.model.encode(volume, lung_labels)
+
+
+def train_heads(run: TrainingRun, table: FeatureTable) -> tuple[Path, dict[str, float]]:
+    """The heads and their nested cross-validation; returns the out-of-fold table and
+    the nested AUC of each task."""
     fits = fit_heads(table, run.heads)
     write_heads(
         run.output_dir,
@@ -223,72 +267,62 @@ def train_balaitous(run: TrainingRun) -> tuple[Path, dict[str, float]]:
     return path, nested_auc(results)
 
 
-@dataclass(frozen=True)
-class ShardJob:
-    """One device's share of the feature extraction: shard `index` of `count`."""
-
-    run: TrainingRun
-    patients: list[Patient]
-    index: int
-    count: int
-
-
-def extract_shard(device: torch.device, job: ShardJob) -> FeatureTable:
-    """The features of one shard of the cohort, on `device` (in a process of its own when
-    there are several devices)."""
-    run = job.run
-    with_r231 = run.lung_masks is None
-    model = Balaitous.feature_extractor(
-        run.model_dir,
-        replace(run.model, device=device),
-        lung_masks="r231" if with_r231 else "given",
-    )
-    key = encoder_key(run.model_dir, run.model.precision, with_r231, run.encoder, run.orientation)
-    patients = shard(job.patients, job.index, job.count)
-    return extract(
-        patients,
-        model,
-        run.scratch_dir / "feature-cache",
-        key,
-        run.lung_masks,
-        progress=job.count == 1,
-    )
-
-
-def train_convnext(run: TrainingRun) -> tuple[list[Path], dict[str, float]]:
-    """Fine-tune the ConvNeXt for both tasks (resuming what SCRATCH holds); returns the two
-    out-of-fold tables and each task's pooled out-of-fold AUC."""
-    tables, auc = [], {}
+def convnext_plans(run: TrainingRun) -> list[FoldPlan]:
+    """The fine-tuning of each task (SCRATCH/convnext3d-<task>/, resumed when there)."""
+    plans = []
     for task in ("covid", "severe"):
         settings = run.convnext_settings(task)
-        if settings.init is None:
+        if settings.init is None and run.ranks.leader:
             logger.warning(
                 "no %s in the model folder: the ConvNeXt starts from random weights",
                 CONVNEXT3D.name,
             )
         patients, labels = task_patients(run.input_dir, task)
-        out = run.scratch_dir / f"convnext3d-{task}"
         logger.info(
-            "convnext3d %s: %d patients, %d folds on %s",
+            "convnext3d %s: %d patients, %d folds among %d rank(s)",
             task,
             len(labels),
             settings.folds,
-            ", ".join(map(str, run.devices)),
+            run.ranks.size,
         )
-        result = finetune(
-            patients,
-            labels,
-            settings,
-            out,
-            device=run.devices,
-            cache_dir=run.scratch_dir / "cubes",
-            resume=True,
-            progress=False,
+        plans.append(
+            plan_folds(
+                patients,
+                labels,
+                settings,
+                run.scratch_dir / f"convnext3d-{task}",
+                device=run.model.device,
+                ranks=run.ranks,
+                cache_dir=run.scratch_dir / "cubes",
+                resume=True,
+                progress=False,
+            )
         )
+    return plans
+
+
+def assemble_convnext(
+    run: TrainingRun, plans: list[FoldPlan], seconds: float
+) -> tuple[list[Path], dict[str, float]]:
+    """Each task's fold ensemble into OUTPUT; the out-of-fold tables and pooled AUCs."""
+    tables, auc = [], {}
+    for plan in plans:
+        result = assemble(plan, seconds)
         shutil.copyfile(result.ensemble, run.output_dir / result.ensemble.name)
-        tables.append(out / "oof.csv")
-        auc[task] = result.metric
+        tables.append(plan.out_dir / "oof.csv")
+        auc[plan.settings.task] = result.metric
     return tables, auc
+
+
+def train_ensemble(run: TrainingRun, oof: dict[str, list[Path]]) -> dict[str, float]:
+    """The ensemble's weights from both systems' out-of-fold predictions; its nested AUC."""
+    reference = run.input_dir / "metadata" / "reference.csv"
+    report_dir = run.output_dir / "ensemble-report"
+    document = fit_ensemble(
+        reference, oof["balaitous"], oof["convnext3d"], report_dir, seed=run.heads.seed
+    )
+    shutil.copyfile(report_dir / ENSEMBLE_WEIGHTS.name, run.output_dir / ENSEMBLE_WEIGHTS.name)
+    return {t: entry["heads"]["ensemble"]["auc"] for t, entry in document["tasks"].items()}
 
 
 def complete_model_folder(run: TrainingRun) -> None:

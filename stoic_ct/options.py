@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from stoic_ct.inference.precision import PRECISIONS, ModelSettings, resolve_device
@@ -98,3 +99,70 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
         args.encoder,
         getattr(args, "batch_size", None),
     )
+
+
+def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
+    """--devices and --rank-timeout, of the commands that train on several ranks."""
+    from stoic_ct.distributed import RANK_TIMEOUT_S
+
+    parser.add_argument(
+        "--devices",
+        "--device",
+        dest="devices",
+        default="auto",
+        metavar="DEVICES",
+        help="where to train: auto (every CUDA GPU, one process each, else the CPU; the "
+        "default), cpu, cuda, or a comma list such as cuda:0,cuda:1 (one process per "
+        "device, started with torch.distributed's launcher). Under torchrun, each rank "
+        "takes the GPU of its LOCAL_RANK (or the LOCAL_RANK-th device of the list)",
+    )
+    parser.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=RANK_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long a rank waits for another in a collective before the run fails "
+        f"(default {RANK_TIMEOUT_S:g})",
+    )
+
+
+def own_command(args: argparse.Namespace) -> list[str]:
+    """The command line that runs this command again (`launch` starts it once per device):
+    the interpreter, `-m stoic_ct` and the arguments the command was given."""
+    return [sys.executable, "-m", "stoic_ct", *args.argv]
+
+
+def add_shard_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """--shard I/N, its default taken from the environment (`resolve_shard`)."""
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help=f"only the I-th of N interleaved shards of the {what} (1-based). Default: from "
+        "torchrun's RANK/WORLD_SIZE, a Slurm job array's SLURM_ARRAY_TASK_ID/"
+        "SLURM_ARRAY_TASK_COUNT, or a Kubernetes indexed Job's JOB_COMPLETION_INDEX with "
+        "WORLD_SIZE, else 1/1 (all)",
+    )
+
+
+def resolve_shard(text: str | None) -> tuple[int, int]:
+    """--shard's (index, count): as given, else from the environment (logged), else (1, 1).
+
+    Raises:
+        StoicError: for a malformed --shard or shard variables.
+    """
+    from stoic_ct.distributed import environment_shard
+    from stoic_ct.errors import StoicError
+    from stoic_ct.io.cohort import parse_shard
+
+    if text is not None:
+        try:
+            return parse_shard(text)
+        except ValueError as error:
+            raise StoicError(f"--shard: {error}") from None
+    found = environment_shard()
+    if found is None:
+        return 1, 1
+    index, count, where = found
+    logger.info("shard %d/%d, from %s", index, count, where)
+    return index, count

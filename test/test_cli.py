@@ -288,3 +288,51 @@ def test_phantom_cohort_command(tmp_path: Path) -> None:
     assert [(p.covid, p.severe) for p in c] != [(p.covid, p.severe) for p in a]
     assert all(p.covid == 1 for p in a if p.severe == 1)
     assert main(["phantom-cohort", str(tmp_path / "d"), "--patients", "3"]) == 1
+
+
+def test_predict_shards_from_a_job_array_merge_into_the_whole_run(
+    tiny_model_dir: Path,
+    two_scans: list[tuple[Path, Path]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Three scans, two shards (from a Slurm array's variables): merged, the table of one
+    run; a merge that misses a shard, or a shard that did not finish, is refused."""
+    images = [str(i) for i, _ in two_scans]
+    third = tmp_path / "third.nii.gz"
+    shutil.copyfile(images[0], third)
+    images.append(str(third))
+    masks = [str(m) for _, m in two_scans] + [str(two_scans[0][1])]
+    common = ["--model-dir", str(tiny_model_dir), "--device", "cpu"]
+    with_masks = [arg for mask in masks for arg in ("--lung-mask", mask)]
+    whole = tmp_path / "whole.csv"
+    assert main(["predict", *images, *with_masks, *common, "--csv", str(whole)]) == 0
+    parts = []
+    for task in (1, 2):  # --array=1-2
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+        part = tmp_path / f"part-{task}.csv"
+        assert main(["predict", *images, *with_masks, *common, "--csv", str(part)]) == 0
+        parts.append(part)
+    assert "shard 2/2, from SLURM_ARRAY_TASK_ID=2 (from 1 in steps of 1)" in caplog.text
+    assert [len(list(csv.DictReader(p.open()))) for p in parts] == [2, 1]
+
+    merged = tmp_path / "merged.csv"
+    assert main(["merge-predictions", *map(str, parts), "--out", str(merged)]) == 0
+    key = ("image", "probability_covid_19", "probability_severe_covid_19")
+    rows = [tuple(r[k] for k in key) for r in csv.DictReader(merged.open())]
+    assert rows == sorted(tuple(r[k] for k in key) for r in csv.DictReader(whole.open()))
+
+    caplog.clear()
+    assert main(["merge-predictions", str(parts[0]), "--out", str(merged)]) == 1
+    assert "shard(s) 2/2 of 2 are missing" in caplog.text
+    lines = parts[0].read_text().splitlines()
+    parts[0].write_text("\n".join(lines[:-1]) + "\n")  # the shard's run stopped early
+    caplog.clear()
+    assert main(["merge-predictions", *map(str, parts), "--out", str(merged)]) == 1
+    assert f"{parts[0]}: lacks 1 of its shard's patients" in caplog.text
+    caplog.clear()
+    assert main(["merge-predictions", str(whole), "--out", str(merged)]) == 1
+    assert "has no whole.csv.shard.json beside it" in caplog.text

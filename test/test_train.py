@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ from stoic_ct.cli import main as cli
 from stoic_ct.errors import StoicError
 from stoic_ct.head_training.features import FeatureTable
 from stoic_ct.phantom import write_phantom_cohort
+from timings import Timings
 
 REPOSITORY = Path(train.__file__).resolve().parent
 FAST_EVALUATION = ["--folds", "4", "--repeats", "2", "--inner-folds", "3"]
@@ -75,10 +80,21 @@ def test_the_chain_learns_and_process_py_uses_the_new_heads(
 
 
 def test_two_shards_merged_equal_one_run(
-    phantom_cohort: Path, cohort_masks: Path, model_dir: Path, features: Path, tmp_path: Path
+    phantom_cohort: Path,
+    cohort_masks: Path,
+    model_dir: Path,
+    features: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Shard 1/2 by --shard, shard 2/2 as a Kubernetes indexed Job's second pod sees it."""
     shards = []
     for index in (1, 2):
+        shard_option = ["--shard", f"{index}/2"] if index == 1 else []
+        if index == 2:
+            monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+            monkeypatch.setenv("WORLD_SIZE", "2")
         out = tmp_path / f"shard-{index}.npz"
         common = [
             "--lung-masks",
@@ -94,8 +110,7 @@ def test_two_shards_merged_equal_one_run(
                 str(phantom_cohort),
                 "--out",
                 str(out),
-                "--shard",
-                f"{index}/2",
+                *shard_option,
                 "--cache",
                 str(tmp_path / f"cache-{index}"),
                 *common,
@@ -103,6 +118,9 @@ def test_two_shards_merged_equal_one_run(
         )
         assert status == 0
         shards.append(str(out))
+    assert "shard 2/2, from JOB_COMPLETION_INDEX=1 and WORLD_SIZE=2" in caplog.text
+    assert cli(["merge-features", shards[1], "--out", str(tmp_path / "half.npz")]) == 1
+    assert "shard(s) 1/2 of 2 are missing" in caplog.text
     assert cli(["merge-features", *shards, "--out", str(tmp_path / "merged.npz")]) == 0
     merged, whole = FeatureTable.load(tmp_path / "merged.npz"), FeatureTable.load(features)
     assert [len(FeatureTable.load(Path(s))) for s in shards] == [24, 24]
@@ -163,21 +181,30 @@ def test_train_py_says_what_is_wrong_with_the_input(
     assert not (tmp_path / "out").exists()
 
 
-def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
-    phantom_cohort: Path, cohort_masks: Path, model_dir: Path, tmp_path: Path
-) -> None:
-    """train.py --system both on 48 phantoms with tiny models, on two devices (two CPU
-    processes): heads, both fold ensembles and ensemble.json in one folder with which
-    process.py --model ensemble runs; a second run resumes from the scratch folder."""
-    output, scratch = tmp_path / "output", tmp_path / "scratch"
-    arguments = [
-        *("--system", "both", "--input", str(phantom_cohort)),
+def _train_arguments(
+    cohort: Path, masks: Path, model_dir: Path, output: Path, scratch: Path
+) -> list[str]:
+    return [
+        *("--system", "both", "--input", str(cohort)),
         *("--output", str(output), "--scratch", str(scratch), "--model-dir", str(model_dir)),
-        *("--lung-masks", str(cohort_masks), "--devices", "cpu,cpu"),
-        *("--folds", "4", "--repeats", "2"),
+        *("--lung-masks", str(masks), "--folds", "4", "--repeats", "2"),
         *("--convnext", "size=micro", "input_size=32", "epochs=2", "folds=2", "augment=none"),
     ]
-    assert train.main(arguments) == 0
+
+
+def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
+    phantom_cohort: Path, cohort_masks: Path, model_dir: Path, tmp_path: Path, timings: Timings
+) -> None:
+    """train.py --system both on 48 phantoms with tiny models, on two devices (two CPU
+    processes, started by --devices): heads, both fold ensembles and ensemble.json in one
+    folder with which process.py --model ensemble runs; a second run resumes from the
+    scratch folder; `torchrun --standalone --nproc_per_node=2 train.py` and one process
+    make the same folder."""
+    output, scratch = tmp_path / "output", tmp_path / "scratch"
+    arguments = _train_arguments(phantom_cohort, cohort_masks, model_dir, output, scratch)
+    started = time.perf_counter()
+    assert train.main([*arguments, "--devices", "cpu,cpu"]) == 0
+    timings.since("train.py --system both, 48 phantoms, tiny: --devices cpu,cpu", started)
     model_files = {
         "balaitous.npz",
         "convnext3d_covid.pth",
@@ -217,9 +244,47 @@ def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
     folds = sorted(scratch.glob("convnext3d-*/fold-*/last.pt"))
     assert len(folds) == 4
     stamps = [p.stat().st_mtime_ns for p in folds]
-    assert train.main(arguments) == 0
+    assert train.main([*arguments, "--devices", "cpu,cpu"]) == 0
     assert [p.stat().st_mtime_ns for p in folds] == stamps
     assert json.loads((output / "ensemble.json").read_text())["covid"] == weights["covid"]
+
+    runs = {"torchrun": tmp_path / "torchrun", "one process": tmp_path / "one"}
+    started = time.perf_counter()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(
+        [
+            *torchrun,
+            str(REPOSITORY / "train.py"),
+            *_train_arguments(
+                phantom_cohort, cohort_masks, model_dir, runs["torchrun"], tmp_path / "scratch-t"
+            ),
+        ],
+        check=True,
+        cwd=REPOSITORY,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    timings.since("train.py --system both, 48 phantoms, tiny: torchrun, 2 ranks", started)
+    started = time.perf_counter()
+    one = _train_arguments(
+        phantom_cohort, cohort_masks, model_dir, runs["one process"], tmp_path / "scratch-1"
+    )
+    assert train.main([*one, "--devices", "cpu"]) == 0
+    timings.since("train.py --system both, 48 phantoms, tiny: one process", started)
+    served = {}
+    for name, folder in runs.items():
+        assert_process_py_uses(folder, tmp_path / f"job-{name}")
+        served[name] = [
+            json.loads((tmp_path / f"job-{name}" / "output" / f).read_text())
+            for f in ("probability-covid-19.json", "probability-severe-covid-19.json")
+        ]
+        timings.value(
+            f"train.py folder of {name}: P(COVID-19) of the thin phantom", served[name][0]
+        )
+    np.testing.assert_allclose(served["torchrun"], served["one process"], atol=1e-6)
+    a, b = (json.loads((folder / "ensemble.json").read_text()) for folder in runs.values())
+    for task in ("covid", "severe"):
+        assert a[task]["balaitous"] == pytest.approx(b[task]["balaitous"], abs=1e-6)
 
 
 def test_convnext_values_take_their_fields_types() -> None:

@@ -1,10 +1,10 @@
 """Command line: `python -m stoic_ct COMMAND ...`.
 
 One module per command group, each registering its parsers with their handlers:
-`predict`, `serve` (the invoke API's web server), `files` (fetch-weights, check-model,
-sample-scans, random-weights), `phantoms` (phantom, phantom-cohort), `heads`
-(extract-features, merge-features, fit-heads, install-heads, evaluate), `convnext`
-(inflate-convnext, finetune, pretrain) and `ensemble` (fit-ensemble).
+`predict` (predict, merge-predictions), `serve` (the invoke API's web server), `files`
+(fetch-weights, check-model, sample-scans, random-weights), `phantoms` (phantom,
+phantom-cohort), `heads` (extract-features, merge-features, fit-heads, install-heads,
+evaluate), `convnext` (inflate-convnext, finetune, pretrain) and `ensemble` (fit-ensemble).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ logger = logging.getLogger("stoic_ct")
 
 DESCRIPTION = """Commands:
     predict         run the model on any number of scans and print or write the probabilities
+    merge-predictions  merge the results tables of every shard of a predict run
     serve           the invoke API: a web server on port 4743, the model loaded once
     fetch-weights   download the four model files from where they are published, and check them
     check-model     say which system a model folder holds (system.json), and check its files
@@ -57,8 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return the exit status."""
-    args = _parser().parse_args(argv)
-    invoked_as("python -m stoic_ct", sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(given)
+    args.argv = given
+    invoked_as("python -m stoic_ct", given)
     # A command the container runs as its entry point logs as process.py does.
     configure_logging(
         args.verbose, information_to_stdout=getattr(args, "information_to_stdout", False)

@@ -9,12 +9,16 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stoic_ct.distributed import Ranks, run_ranks
 from stoic_ct.errors import StoicError
 from stoic_ct.models.convnext3d import SIZES as CONVNEXT_SIZES
 from stoic_ct.models.inflation import INFLATIONS, NORMALISATIONS
+from stoic_ct.options import add_rank_arguments, own_command
 from stoic_ct.runtime import log_runtime
 
 if TYPE_CHECKING:
+    import torch
+
     from stoic_ct.convnext_training.trainer import NetworkSettings
 
 logger = logging.getLogger("stoic_ct")
@@ -229,9 +233,7 @@ def _convnext_training_arguments(
     parser.add_argument(
         "--cache", type=Path, default=None, help="cube cache folder (default OUT/cubes)"
     )
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto"
-    )
+    add_rank_arguments(parser)
 
 
 def run_inflate_convnext(args: argparse.Namespace) -> int:
@@ -288,9 +290,8 @@ def log_settings(settings: Any, preset: dict[str, Any], given: dict[str, Any], n
 def run_finetune(args: argparse.Namespace) -> int:
     """The `finetune` command."""
     log_runtime()
-    from stoic_ct.convnext_training.finetuning import finetune as run
+    from stoic_ct.convnext_training.finetuning import finetune_on_ranks as run
     from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
-    from stoic_ct.inference.precision import resolve_device
     from stoic_ct.preprocessing.cubes import task_patients
 
     given = given_settings(args, [f.name for f in fields(FinetuneSettings)])
@@ -312,25 +313,33 @@ def run_finetune(args: argparse.Namespace) -> int:
         " / ".join(str(int((labels == c).sum())) for c in range(int(labels.max()) + 1)),
         args.data_dir,
     )
-    result = run(
-        patients,
-        labels,
-        settings,
-        args.out,
-        device=resolve_device(args.device),
-        cache_dir=args.cache,
-        resume=args.resume,
-    )
-    print(f"{settings.task}: out-of-fold metric {result.metric:.4f}; wrote {result.ensemble}")
-    return 0
+
+    def on_rank(ranks: Ranks, device: torch.device) -> int:
+        result = run(
+            patients,
+            labels,
+            settings,
+            args.out,
+            device=device,
+            ranks=ranks,
+            cache_dir=args.cache,
+            resume=args.resume,
+            progress=ranks.alone,
+        )
+        if result is not None:
+            print(
+                f"{settings.task}: out-of-fold metric {result.metric:.4f}; wrote {result.ensemble}"
+            )
+        return 0
+
+    return run_ranks(own_command(args), args.devices, args.rank_timeout, on_rank)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
     """The `pretrain` command."""
     log_runtime()
     from stoic_ct.convnext_training.pretraining import PretrainSettings
-    from stoic_ct.convnext_training.pretraining import pretrain as run
-    from stoic_ct.inference.precision import resolve_device
+    from stoic_ct.convnext_training.pretraining import pretrain_on_ranks as run
     from stoic_ct.io.cohort import read_cohort
     from stoic_ct.preprocessing.cubes import LESION_DIR, task_patients
 
@@ -348,15 +357,22 @@ def run_pretrain(args: argparse.Namespace) -> int:
         patients, labels = task_patients(args.data_dir, "covid")
     else:
         patients, labels = read_cohort(args.data_dir), None
-    path = run(
-        patients,
-        labels,
-        settings,
-        args.out,
-        device=resolve_device(args.device),
-        lesion_dir=lesions if lesions.is_dir() else None,
-        cache_dir=args.cache,
-        resume=args.resume,
-    )
-    print(f"wrote {path}")
-    return 0
+
+    def on_rank(ranks: Ranks, device: torch.device) -> int:
+        path = run(
+            patients,
+            labels,
+            settings,
+            args.out,
+            device=device,
+            ranks=ranks,
+            lesion_dir=lesions if lesions.is_dir() else None,
+            cache_dir=args.cache,
+            resume=args.resume,
+            progress=ranks.alone,
+        )
+        if path is not None:
+            print(f"wrote {path}")
+        return 0
+
+    return run_ranks(own_command(args), args.devices, args.rank_timeout, on_rank)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stoic_ct.errors import StoicError
-from stoic_ct.options import add_model_arguments, model_settings
+from stoic_ct.options import add_model_arguments, add_shard_argument, model_settings, resolve_shard
 from stoic_ct.runtime import log_runtime
 from stoic_ct.weights.model_files import (
     REPOSITORY_MODEL_DIR,
@@ -44,13 +44,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         help="per-scan cache folder (default: .feature-cache beside --out)",
     )
-    extract.add_argument(
-        "--shard",
-        default="1/1",
-        metavar="I/N",
-        help="extract only the I-th of N interleaved shards of the patients (default 1/1); "
-        "merge the N tables with merge-features",
-    )
+    add_shard_argument(extract, "patients (merge the N tables with merge-features)")
     extract.add_argument(
         "--lung-masks",
         type=Path,
@@ -66,7 +60,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "merge-features",
         help="merge shard feature tables into one",
         description="Merge the feature tables of the shards of one extract-features run "
-        "(same model files and precision, no patient twice).",
+        "(same model files and precision). Refused, naming them, when a shard is missing "
+        "or given twice, a patient of a shard is in neither its rows nor its failures, or "
+        "a patient is in two tables.",
     )
     merge.add_argument("tables", nargs="+", type=Path, metavar="TABLE")
     merge.add_argument("--out", type=Path, required=True, help="merged table to write")
@@ -143,14 +139,12 @@ def run_extract_features(args: argparse.Namespace) -> int:
     log_runtime()
     from stoic_ct.head_training.features import encoder_key, extract
     from stoic_ct.inference.pipeline import Balaitous
-    from stoic_ct.io.cohort import UNKNOWN, parse_shard, read_cohort, shard
+    from stoic_ct.io.cohort import UNKNOWN, read_cohort, shard, shard_record
     from stoic_ct.weights.system_record import choose
 
-    try:
-        index, count = parse_shard(args.shard)
-    except ValueError as error:
-        raise StoicError(f"--shard: {error}") from None
-    patients = shard(read_cohort(args.data_dir), index, count)
+    index, count = resolve_shard(args.shard)
+    cohort = read_cohort(args.data_dir)
+    patients = shard(cohort, index, count)
     labelled = sum(1 for p in patients if p.covid != UNKNOWN)
     logger.info(
         "%d scans in shard %d/%d of %s, %d of them in the reference",
@@ -171,7 +165,8 @@ def run_extract_features(args: argparse.Namespace) -> int:
     key = encoder_key(model_dir, args.precision, args.lung_masks is None, encoder, args.orientation)
     cache = args.cache or args.out.parent / ".feature-cache"
     table = extract(patients, model, cache, key, masks_dir=args.lung_masks)
-    table = replace(table, provenance=table.provenance | {"shard": f"{index}/{count}"})
+    record = shard_record([p.id for p in cohort], index, count)
+    table = replace(table, provenance=table.provenance | record)
     table.save(args.out)
     failures = table.provenance["failures"]
     logger.info("wrote %s: %d patients, features of length %d", args.out, len(table), table.dim)
@@ -189,7 +184,9 @@ def run_merge_features(args: argparse.Namespace) -> int:
     """The `merge-features` command."""
     from stoic_ct.head_training.features import FeatureTable, merge_tables
 
-    merged = merge_tables([FeatureTable.load(path) for path in args.tables])
+    merged = merge_tables(
+        [FeatureTable.load(path) for path in args.tables], [str(path) for path in args.tables]
+    )
     merged.save(args.out)
     logger.info("wrote %s: %d patients from %d tables", args.out, len(merged), len(args.tables))
     return 0

@@ -11,10 +11,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stoic_ct.errors import StoicError
-from stoic_ct.inference.batch import append_row, collected_warnings, qc_file_names, start_csv
+from stoic_ct.inference.batch import (
+    append_row,
+    collected_warnings,
+    merge_results,
+    qc_file_names,
+    start_csv,
+    write_shard_record,
+)
+from stoic_ct.io.cohort import shard_record
 from stoic_ct.io.demographics import parse_age, resolve_demographics
 from stoic_ct.io.imageio import read_scan
-from stoic_ct.options import add_model_arguments, model_settings
+from stoic_ct.options import add_model_arguments, add_shard_argument, model_settings, resolve_shard
 from stoic_ct.runtime import log_runtime
 from stoic_ct.weights.model_files import (
     default_model_dir,
@@ -83,8 +91,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         help="slices per encoder batch (default: 32 on a GPU, 16 on a CPU)",
     )
+    add_shard_argument(predict, "images, in the order of their paths (needs --csv)")
     add_model_arguments(predict, system=True)
     predict.set_defaults(handler=run_predict)
+    merge = commands.add_parser(
+        "merge-predictions",
+        help="merge the results tables of every shard of a predict run",
+        description="Merge the tables that predict --shard I/N --csv wrote (each with its "
+        "TABLE.shard.json) into one, in the order of the image paths. Refused, naming "
+        "them, when a shard is missing or given twice, a table lacks some of its shard's "
+        "images (the shard did not finish: run it again with --resume), or an image is in "
+        "two tables.",
+    )
+    merge.add_argument("tables", nargs="+", type=Path, metavar="TABLE")
+    merge.add_argument("--out", type=Path, required=True, help="the merged table to write")
+    merge.set_defaults(handler=run_merge_predictions)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -104,6 +125,16 @@ def run_predict(args: argparse.Namespace) -> int:
         raise StoicError(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.resume and args.csv is None:
         raise StoicError("--resume needs --csv: the results table tells which scans are done")
+    images = list(zip(args.images, masks, strict=True))
+    index, count = resolve_shard(args.shard)
+    if count > 1:
+        if args.csv is None:
+            raise StoicError(
+                "--shard needs --csv: each shard writes its own table, which "
+                "merge-predictions merges"
+            )
+        images = sorted(images, key=lambda pair: str(pair[0]))[index - 1 :: count]
+        logger.info("shard %d/%d: %d of %d images", index, count, len(images), len(masks))
     model_dir = args.model_dir or default_model_dir()
     settings = model_settings(args)
     if (args.model or choose(model_dir).system) == "convnext3d":
@@ -128,16 +159,18 @@ def run_predict(args: argparse.Namespace) -> int:
         time.perf_counter() - started,
     )
 
-    images = list(zip(args.images, masks, strict=True))
     done: set[str] = set()
     if args.csv is not None:
         try:
             done = start_csv(args.csv, args.resume)
         except ValueError as error:
             raise StoicError(str(error)) from None
+        if count > 1:
+            record = shard_record([str(path) for path in args.images], index, count)
+            write_shard_record(args.csv, record)
         if done:
             logger.info("%s holds results for %d of the scans: skipping them", args.csv, len(done))
-    qc_names = qc_file_names(args.images)
+    qc_names = qc_file_names([image for image, _ in images])
     failed = 0
     progress = tqdm(images, desc="scans", unit="scan", disable=None, file=sys.stderr)
     for (image_path, mask_path), qc_name in zip(progress, qc_names, strict=True):
@@ -201,6 +234,13 @@ def run_predict(args: argparse.Namespace) -> int:
     if failed:
         logger.error("%d of %d scans failed; see the messages above", failed, len(images))
     return 1 if failed else 0
+
+
+def run_merge_predictions(args: argparse.Namespace) -> int:
+    """The `merge-predictions` command."""
+    rows = merge_results(args.tables, args.out)
+    logger.info("wrote %s: %d rows from %d tables", args.out, rows, len(args.tables))
+    return 0
 
 
 def _age(text: str) -> float:

@@ -31,39 +31,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import f1_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
-from sklearn.utils.class_weight import compute_class_weight
-from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write_text
-from stoic_ct.convnext_training.augmentation import augmentation
+from stoic_ct.claims import Board
+from stoic_ct.convnext_training.folds import metric_name, task_metric, train_fold
 from stoic_ct.convnext_training.recipes import FinetuneSettings, class_names
-from stoic_ct.convnext_training.trainer import (
-    BEST,
-    Evaluation,
-    Trainer,
-    fit,
-    seed_of,
-    start_run,
-)
+from stoic_ct.convnext_training.sharing import CLAIMS, settings_key, shared_cubes
+from stoic_ct.convnext_training.trainer import BEST, LAST, start_run
+from stoic_ct.distributed import ONE_PROCESS, Ranks, Team, gather, on_leader, share_units
 from stoic_ct.errors import InputError
-from stoic_ct.inference.classifier import (
-    head_outputs,
-    head_probabilities,
-    save_fold_ensemble,
-)
+from stoic_ct.inference.classifier import save_fold_ensemble
 from stoic_ct.io.cohort import Patient
-from stoic_ct.models.convnext3d import ConvNeXt3D, load_encoder_of_size
-from stoic_ct.parallel import on_devices
 from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
-from stoic_ct.preprocessing.cubes import (
-    Cube,
-    cached_cubes,
-    load_batch,
-    metadata_batch,
-)
+from stoic_ct.preprocessing.cubes import Cube
 
 logger = logging.getLogger(__name__)
 
@@ -79,42 +60,6 @@ class FinetuneResult:
     ensemble: Path
 
 
-def task_metric(task: str, labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """ROC-AUC of the positive class for binary tasks, macro F1 of the argmax for severity4.
-
-    NaN when the labels hold one class only (AUC undefined).
-    """
-    if task == "severity4":
-        return float(
-            f1_score(labels, probabilities.argmax(axis=1), average="macro", labels=range(4))
-        )
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    return float(roc_auc_score(labels, probabilities[:, 1]))
-
-
-def build_classifier(settings: FinetuneSettings, init: Path | None) -> ConvNeXt3D:
-    """A ConvNeXt3D with a fresh class head (and metadata inputs when asked), its encoder
-    from `init` when given.
-
-    Raises:
-        ModelFileError: when `init` cannot be loaded; InputError when its size differs.
-    """
-    model = ConvNeXt3D(
-        settings.size,
-        num_classes=head_outputs(settings.head, len(class_names(settings.task))),
-        drop_path_rate=settings.drop_path,
-        metadata_dim=len(settings.metadata_names),
-    )
-    if init is None:
-        return model
-    encoder = load_encoder_of_size(init, settings.size)
-    missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
-    if unexpected or set(missing) != {"head.weight", "head.bias"}:
-        raise InputError(f"does not fit the classifier (missing {missing})", init)
-    return model
-
-
 def _check_classes(labels: np.ndarray, classes: int, folds: int, task: str) -> None:
     counts = np.bincount(labels, minlength=classes)
     if (counts < folds).any():
@@ -125,229 +70,109 @@ def _check_classes(labels: np.ndarray, classes: int, folds: int, task: str) -> N
         )
 
 
-@torch.inference_mode()
-def predict_cubes(
-    model: torch.nn.Module,
-    cubes: Sequence[Cube],
-    device: torch.device,
-    batch_size: int,
-    autocast: torch.autocast,
-    with_metadata: bool = False,
-) -> torch.Tensor:
-    """(N, outputs) float32 logits of the cubes, no augmentation, under `autocast`."""
-    model.eval()
-    outputs = []
-    for start in range(0, len(cubes), batch_size):
-        batch = range(start, min(start + batch_size, len(cubes)))
-        images, _ = load_batch(cubes, batch, device)
-        metadata = metadata_batch(cubes, batch, device) if with_metadata else None
-        with autocast:
-            outputs.append(model(images, metadata).float())
-    return torch.cat(outputs).cpu()
-
-
-def weighted_loss(
-    logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor, head: str
-) -> torch.Tensor:
-    """Cross-entropy weighted by class: softmax over C logits, or the binary cross-entropy
-    of one logit (sigmoid); both the weighted mean sum(w_i l_i) / sum(w_i)."""
-    if head == "softmax":
-        return F.cross_entropy(logits, target, class_weight)
-    weight = class_weight[target]
-    each = F.binary_cross_entropy_with_logits(
-        logits[:, 0], target.to(logits.dtype), reduction="none"
-    )
-    return (weight * each).sum() / weight.sum()
-
-
-def train_fold(
-    fold: int,
-    cubes: Sequence[Cube],
-    labels: np.ndarray,
-    train: np.ndarray,
-    valid: np.ndarray,
-    settings: FinetuneSettings,
-    device: torch.device,
-    out_dir: Path,
-    progress: bool = True,
-) -> tuple[torch.Tensor, float]:
-    """Train one fold; its best epoch's (V, C) validation probabilities and metric."""
-    classes = len(class_names(settings.task))
-    torch.manual_seed(seed_of(settings.seed, fold))  # the head's initial weights
-    init = Path(settings.init) if settings.init else None
-    trainer = Trainer(build_classifier(settings, init), device, settings.optimiser)
-    weights = compute_class_weight("balanced", classes=np.arange(classes), y=labels[train]).astype(
-        np.float32
-    )
-    class_weight = torch.from_numpy(weights).to(device)
-    augment = augmentation(settings.augment)
-    train_cubes = [cubes[i] for i in train]
-    valid_cubes = [cubes[i] for i in valid]
-    train_labels = torch.from_numpy(labels[train]).to(device)
-    valid_labels = torch.from_numpy(labels[valid])
-    with_metadata = bool(settings.metadata_names)
-    title = f"fold {fold + 1}/{settings.folds}"
-    logger.info(
-        "%s: %d training, %d validation patients; class weights %s",
-        title,
-        len(train),
-        len(valid),
-        ", ".join(f"{w:.3g}" for w in weights),
-    )
-
-    def loss(
-        net: torch.nn.Module,
-        images: torch.Tensor,
-        metadata: torch.Tensor | None,
-        target: torch.Tensor,
-    ) -> torch.Tensor:
-        return weighted_loss(net(images, metadata).float(), target, class_weight, settings.head)
-
-    def train_epoch(epoch: int) -> float:
-        torch.manual_seed(seed_of(settings.seed, fold, epoch, 1))  # drop path
-        order = torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(seed_of(settings.seed, fold, epoch))
-        ).tolist()
-        batches = [
-            order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
-        ]
-        total = 0.0
-        bar = tqdm(
-            batches,
-            desc=f"{title} epoch {epoch + 1}",
-            unit="batch",
-            leave=False,
-            disable=None if progress else True,
-        )
-        for batch in bar:
-            seeds = [seed_of(settings.seed, fold, epoch, 2, i) for i in batch]
-            images, _ = load_batch(train_cubes, batch, device, augment, seeds)
-            metadata = metadata_batch(train_cubes, batch, device) if with_metadata else None
-            total += trainer.step(loss, images, metadata, train_labels[batch]) * len(batch)
-        return total / len(order)
-
-    def evaluate(net: torch.nn.Module) -> Evaluation:
-        logits = predict_cubes(
-            net, valid_cubes, device, settings.batch_size, trainer.autocast(), with_metadata
-        )
-        valid_loss = float(weighted_loss(logits, valid_labels, class_weight.cpu(), settings.head))
-        probabilities = head_probabilities(logits, settings.head)
-        metric = task_metric(settings.task, valid_labels.numpy(), probabilities.numpy())
-        return Evaluation(valid_loss, metric, probabilities)
-
-    outcome = fit(
-        trainer,
-        epochs=settings.epochs,
-        train_epoch=train_epoch,
-        evaluate=evaluate,
-        out_dir=out_dir,
-        metric_name=metric_name(settings.task),
-        title=title,
-        learning_rate=settings.learning_rate,
-    )
-    logger.info(
-        "%s: best epoch %d, %s %.4f",
-        title,
-        outcome.best_epoch + 1,
-        metric_name(settings.task),
-        outcome.best_metric,
-    )
-    return outcome.best_outputs, outcome.best_metric
-
-
-def metric_name(task: str) -> str:
-    """The metric column's name: auc, or macro_f1 for severity4."""
-    return "macro_f1" if task == "severity4" else "auc"
-
-
 @dataclass(frozen=True)
-class FoldJob:
-    """The folds one device trains: (fold, training rows, validation rows) each."""
+class FoldPlan:
+    """One task's cross-validated fine-tuning, as every rank of the run sees it.
 
-    folds: list[tuple[int, np.ndarray, np.ndarray]]
-    cubes: list[Cube]
+    Attributes:
+        splits: (fold, training rows, validation rows) of each fold.
+        devices: the device of every rank of the run.
+    """
+
+    patients: list[Patient]
     labels: np.ndarray
     settings: FinetuneSettings
     out_dir: Path
-    progress: bool
+    cubes: list[Cube]
+    splits: list[tuple[int, np.ndarray, np.ndarray]]
+    devices: list[str]
+
+    @property
+    def units(self) -> list[tuple[Board, str]]:
+        """Each fold's unit, done for these settings only (the epochs included)."""
+        board = Board(self.out_dir / CLAIMS, settings_key(self.settings))
+        return [(board, f"fold-{fold + 1}") for fold, _, _ in self.splits]
 
 
-def train_folds(device: torch.device, job: FoldJob) -> list[tuple[int, np.ndarray, float]]:
-    """Train `job`'s folds on `device`, one after the other: (fold, (V, C) best validation
-    probabilities, metric) each. Runs in a process of its own when there are several
-    devices (stoic_ct.parallel)."""
-    results = []
-    for fold, train, valid in job.folds:
-        best, metric = train_fold(
-            fold,
-            job.cubes,
-            job.labels,
-            train,
-            valid,
-            job.settings,
-            device,
-            job.out_dir / f"fold-{fold + 1}",
-            job.progress,
-        )
-        results.append((fold, best.numpy(), metric))
-    return results
-
-
-def finetune(
+def plan_folds(
     patients: Sequence[Patient],
     labels: np.ndarray,
     settings: FinetuneSettings,
     out_dir: Path,
     *,
-    device: torch.device | Sequence[torch.device],
+    device: torch.device,
+    ranks: Ranks = ONE_PROCESS,
     cache_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
-) -> FinetuneResult:
-    """Cross-validated fine-tuning; writes the files of the module docstring.
-
-    Args:
-        patients, labels: the task's patients and (N,) class indices (`task_patients`).
-        device: where to train; with several, the folds are shared out among them (fold k
-            on device k mod n), each device training its folds in a process of its own.
-        cache_dir: where the cubes are kept (default OUT/cubes).
+) -> FoldPlan:
+    """Check the task, open the run folder (the leader), prepare the cubes (the ranks
+    together) and split the folds.
 
     Raises:
         InputError: too few patients per class, an unreadable scan, or a run in `out_dir`
-            with other settings.
+            with other settings (on every rank).
     """
-    started = time.perf_counter()
-    devices = [device] if isinstance(device, torch.device) else list(device)
     classes = len(class_names(settings.task))
     _check_classes(labels, classes, settings.folds, settings.task)
-    start_run(out_dir, settings, resume, "fine-tuning")
-    cubes = cached_cubes(
-        patients, cache_dir or out_dir / "cubes", settings.input_size, progress=progress
-    )
+    on_leader(lambda: start_run(out_dir, settings, resume, "fine-tuning"), ranks)
+    cache = cache_dir or out_dir / "cubes"
+    cubes = shared_cubes(patients, cache, settings.input_size, ranks, progress=progress)
     splitter = StratifiedKFold(settings.folds, shuffle=True, random_state=settings.seed % 2**32)
     splits = [
         (fold, train, valid)
         for fold, (train, valid) in enumerate(splitter.split(np.zeros(len(labels)), labels))
     ]
-    alone = len(devices) == 1
-    jobs = [
-        (
-            d,
-            FoldJob(
-                splits[i :: len(devices)], cubes, labels, settings, out_dir, progress and alone
-            ),
+    devices = gather(str(device))
+    return FoldPlan(list(patients), labels, settings, out_dir, cubes, splits, devices)
+
+
+def train_plans(
+    plans: Sequence[FoldPlan], device: torch.device, ranks: Ranks, progress: bool = True
+) -> None:
+    """Train every fold of the plans not done yet, shared among the ranks (stoic_ct.
+    distributed.share_units): each fold by one rank, or by a team of ranks when there
+    are fewer folds left than ranks. Returns on the leader once every fold is done."""
+    units = [(plan, fold) for plan in plans for fold, _, _ in plan.splits]
+
+    def work(i: int, team: Team | None) -> None:
+        plan, fold = units[i]
+        _, train, valid = plan.splits[fold]
+        train_fold(
+            fold,
+            plan.cubes,
+            plan.labels,
+            train,
+            valid,
+            plan.settings,
+            device,
+            plan.out_dir / f"fold-{fold + 1}",
+            progress and ranks.alone,
+            team,
         )
-        for i, d in enumerate(devices[: settings.folds])
-    ]
-    probabilities = np.full((len(cubes), classes), np.nan)
-    fold_of = np.full(len(cubes), -1, dtype=np.int64)
+
+    share_units(
+        [unit for plan in plans for unit in plan.units],
+        work,
+        ranks,
+        largest_team=min(plan.settings.batch_size for plan in plans),
+    )
+
+
+def assemble(plan: FoldPlan, seconds: float) -> FinetuneResult:
+    """The run's results from its folds' checkpoints: the fold ensemble, the out-of-fold
+    table and finetune.json (the module docstring); written by the leader."""
+    settings, out_dir = plan.settings, plan.out_dir
+    classes = len(class_names(settings.task))
+    probabilities = np.full((len(plan.cubes), classes), np.nan)
+    fold_of = np.full(len(plan.cubes), -1, dtype=np.int64)
     fold_metrics = [float("nan")] * settings.folds
-    for results in on_devices(train_folds, jobs):
-        for fold, best, metric in results:
-            valid = splits[fold][2]
-            probabilities[valid], fold_of[valid] = best, fold
-            fold_metrics[fold] = metric
-    metric = task_metric(settings.task, labels, probabilities)
+    for fold, _, valid in plan.splits:
+        last = out_dir / f"fold-{fold + 1}" / LAST
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        probabilities[valid] = state["best"]["outputs"].numpy()
+        fold_of[valid], fold_metrics[fold] = fold, float(state["best"]["metric"])
+    metric = task_metric(settings.task, plan.labels, probabilities)
     ensemble = save_fold_ensemble(
         out_dir / f"convnext3d_{settings.task}.pth",
         folds=[
@@ -362,19 +187,20 @@ def finetune(
         head=settings.head,
         metadata=settings.metadata_names,
     )
-    _write_oof(out_dir / "oof.csv", patients, labels, fold_of, probabilities, settings.task)
+    _write_oof(
+        out_dir / "oof.csv", plan.patients, plan.labels, fold_of, probabilities, settings.task
+    )
     summary: dict[str, Any] = {
         "task": settings.task,
-        "patients": len(patients),
-        "class_counts": np.bincount(labels, minlength=classes).tolist(),
+        "patients": len(plan.patients),
+        "class_counts": np.bincount(plan.labels, minlength=classes).tolist(),
         metric_name(settings.task): {"out_of_fold": metric, "folds": fold_metrics},
-        "devices": [str(d) for d in devices],
-        "seconds": time.perf_counter() - started,
+        "devices": plan.devices,
+        "seconds": seconds,
         "settings": asdict(settings),
         "ensemble": ensemble.name,
     }
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write_text(out_dir / "finetune.json", text)
+    atomic_write_text(out_dir / "finetune.json", json.dumps(summary, indent=2) + "\n")
     logger.info(
         "%s: out-of-fold %s %.4f (folds: %s); wrote %s",
         settings.task,
@@ -384,6 +210,78 @@ def finetune(
         ensemble,
     )
     return FinetuneResult(probabilities, fold_of, metric, fold_metrics, ensemble)
+
+
+def finetune(
+    patients: Sequence[Patient],
+    labels: np.ndarray,
+    settings: FinetuneSettings,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    cache_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Cross-validated fine-tuning in this process; writes the files of the module
+    docstring. See `finetune_on_ranks` for the arguments."""
+    result = finetune_on_ranks(
+        patients,
+        labels,
+        settings,
+        out_dir,
+        device=device,
+        ranks=ONE_PROCESS,
+        cache_dir=cache_dir,
+        resume=resume,
+        progress=progress,
+    )
+    assert result is not None  # the only rank leads
+    return result
+
+
+def finetune_on_ranks(
+    patients: Sequence[Patient],
+    labels: np.ndarray,
+    settings: FinetuneSettings,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    ranks: Ranks,
+    cache_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FinetuneResult | None:
+    """Cross-validated fine-tuning on this rank, with the others of its run.
+
+    Args:
+        patients, labels: the task's patients and (N,) class indices (`task_patients`).
+        device: where this process trains.
+        ranks: this process's place among the ranks that run together (torchrun); the
+            folds are shared among them, and the leader writes the results.
+        cache_dir: where the cubes are kept (default OUT/cubes).
+
+    Returns:
+        The results on the leader, None on the other ranks.
+
+    Raises:
+        InputError: too few patients per class, an unreadable scan, or a run in `out_dir`
+            with other settings.
+    """
+    started = time.perf_counter()
+    plan = plan_folds(
+        patients,
+        labels,
+        settings,
+        out_dir,
+        device=device,
+        ranks=ranks,
+        cache_dir=cache_dir,
+        resume=resume,
+        progress=progress,
+    )
+    train_plans([plan], device, ranks, progress)
+    return assemble(plan, time.perf_counter() - started) if ranks.leader else None
 
 
 def _write_oof(

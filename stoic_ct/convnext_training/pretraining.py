@@ -16,8 +16,11 @@ of ROC-AUC and Dice for the multitask.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stoic_ct.convnext_training.augmentation import Compose, augmentation
+from stoic_ct.convnext_training.sharing import shared_cubes
 from stoic_ct.convnext_training.trainer import (
     BEST,
     Evaluation,
@@ -38,6 +42,15 @@ from stoic_ct.convnext_training.trainer import (
     fit,
     seed_of,
     start_run,
+)
+from stoic_ct.distributed import (
+    ONE_PROCESS,
+    Ranks,
+    Team,
+    first_team,
+    in_chunks,
+    interleave,
+    on_leader,
 )
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.io.cohort import Patient
@@ -49,14 +62,9 @@ from stoic_ct.models.convnext3d import (
     load_encoder_of_size,
     save_convnext3d,
 )
-from stoic_ct.preprocessing.cubes import (
-    Cube,
-    cached_cubes,
-    load_batch,
-    save_array,
-)
+from stoic_ct.preprocessing.cubes import Cube, load_batch, save_array
 from stoic_ct.weights.checkpoints import load_checkpoint
-from stoic_ct.weights.model_files import CONVNEXT3D, problem
+from stoic_ct.weights.model_files import CONVNEXT3D, problem, sha256_of
 
 MODES = ("segmentation", "multitask")
 PRETRAINED = "pretrained.pth"
@@ -106,11 +114,20 @@ def dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target.long()) + 1.0 - soft_dice(logits, target)
 
 
+def dice_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """(|predicted & truth|, |predicted| + |truth|) of the argmax lesion masks."""
+    predicted, truth = logits.argmax(dim=1).bool(), target.bool()
+    return int((predicted & truth).sum()), int(predicted.sum() + truth.sum())
+
+
 def hard_dice(logits: torch.Tensor, target: torch.Tensor) -> float:
     """Dice of the argmax lesion masks over the whole batch (1 when both are empty)."""
-    predicted, truth = logits.argmax(dim=1).bool(), target.bool()
-    total = int(predicted.sum() + truth.sum())
-    return 1.0 if total == 0 else 2 * int((predicted & truth).sum()) / total
+    return _dice_of([dice_counts(logits, target)])
+
+
+def _dice_of(counts: Sequence[tuple[int, int]]) -> float:
+    intersection, total = (sum(c[i] for c in counts) for i in (0, 1))
+    return 1.0 if total == 0 else 2 * intersection / total
 
 
 def load_segmenter(path: Path) -> ConvNeXt3DSegmenter:
@@ -150,20 +167,26 @@ def pseudo_labels(
     cubes: Sequence[Cube],
     out_dir: Path,
     device: torch.device,
+    key: str,
+    ranks: Ranks = ONE_PROCESS,
     progress: bool = True,
 ) -> list[Cube]:
-    """Each cube's lesion mask by `segmenter` (argmax), saved as OUT/<patient>.npy uint8."""
+    """Each cube's lesion mask by `segmenter` (argmax), saved as OUT/<patient>.npy uint8,
+    made by the ranks together in chunks; `key` names the segmenter (its file's digest)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     segmenter = segmenter.to(device)
-    labelled = []
-    for cube in tqdm(cubes, desc="pseudo-labels", unit="scan", disable=None if progress else True):
-        path = out_dir / f"{cube.patient}.npy"
-        if not path.exists():
-            image, _ = cube.load()
-            mask = segmenter(image[None].to(device)).argmax(dim=1)[0].to(torch.uint8).cpu()
-            save_array(path, mask.numpy())
-        labelled.append(Cube(cube.patient, cube.image, path))
-    return labelled
+    paths = [out_dir / f"{cube.patient}.npy" for cube in cubes]
+
+    def label(name: str, rows: range) -> None:
+        bar = tqdm(rows, desc="pseudo-labels", unit="scan", disable=None if progress else True)
+        for i in bar:
+            if not paths[i].exists():
+                image, _ = cubes[i].load()
+                mask = segmenter(image[None].to(device)).argmax(dim=1)[0].to(torch.uint8).cpu()
+                save_array(paths[i], mask.numpy())
+
+    in_chunks([c.patient for c in cubes], out_dir, key, label, ranks)
+    return [Cube(c.patient, c.image, path) for c, path in zip(cubes, paths, strict=True)]
 
 
 def _batch(
@@ -191,12 +214,46 @@ def pretrain(
     progress: bool = True,
     resume: bool = False,
 ) -> Path:
-    """Pretrain; returns OUT/pretrained.pth (see the module docstring).
+    """Pretrain in this process; returns OUT/pretrained.pth (see the module docstring and
+    `pretrain_on_ranks` for the arguments)."""
+    path = pretrain_on_ranks(
+        patients,
+        labels,
+        settings,
+        out_dir,
+        device=device,
+        lesion_dir=lesion_dir,
+        ranks=ONE_PROCESS,
+        cache_dir=cache_dir,
+        progress=progress,
+        resume=resume,
+    )
+    assert path is not None  # the only rank leads
+    return path
+
+
+def pretrain_on_ranks(
+    patients: Sequence[Patient],
+    labels: np.ndarray | None,
+    settings: PretrainSettings,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    lesion_dir: Path | None,
+    ranks: Ranks,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> Path | None:
+    """Pretrain on this rank, with the others of its run; returns OUT/pretrained.pth on
+    the leader, None on the other ranks.
 
     Args:
         labels: (N,) class indices for the multitask's classification (None for segmentation).
         lesion_dir: lesion masks <PatientID>.mha; for the multitask, used when no
             `pseudo_labels_from` segmenter is set.
+        ranks: this process's place among the ranks that run together (torchrun): the
+            first `batch_size` of them train as one team; the others only prepare.
         resume: continue the run OUT holds (its last.pt), with the same settings.
 
     Raises:
@@ -205,28 +262,18 @@ def pretrain(
     """
     if settings.mode == "multitask" and labels is None:
         raise InputError("the multitask needs class labels (reference.csv)")
-    start_run(out_dir, settings, resume, "pretraining")
-    cache = cache_dir or out_dir / "cubes"
-    use_masks = settings.mode == "segmentation" or settings.pseudo_labels_from is None
-    if use_masks and lesion_dir is None:
-        raise InputError("lesion masks are needed (data/lesions/<PatientID>.mha)")
-    cubes = cached_cubes(
-        patients,
-        cache,
-        settings.input_size,
-        lesion_dir=lesion_dir if use_masks else None,
-        progress=progress,
+    on_leader(lambda: start_run(out_dir, settings, resume, "pretraining"), ranks)
+    cubes = _pretraining_cubes(
+        patients, settings, out_dir, cache_dir or out_dir / "cubes", lesion_dir, device, ranks
     )
-    if not use_masks:
-        source = Path(str(settings.pseudo_labels_from))
-        cubes = pseudo_labels(
-            load_segmenter(source), cubes, out_dir / "pseudo-labels", device, progress
-        )
     order = np.random.default_rng(settings.seed).permutation(len(cubes))
     held_out = max(1, len(cubes) // 5)
     valid, train = order[:held_out], order[held_out:]
     if len(train) == 0:
         raise InputError(f"{len(cubes)} patient(s) are too few to pretrain on (at least 2)")
+    team = first_team(ranks, settings.batch_size)
+    if team is None and not ranks.alone:
+        return None  # a rank beyond the batch: its part was the preparation
     torch.manual_seed(seed_of(settings.seed))
     backbone = _backbone(settings)
     model: nn.Module
@@ -234,71 +281,21 @@ def pretrain(
         model = ConvNeXt3DSegmenter(backbone, num_classes=2)
     else:
         model = MultiTaskConvNeXt(backbone, classes=int(np.max(labels)) + 1)  # type: ignore[arg-type]
-    trainer = Trainer(model, device, settings.optimiser)
-    class_weight, targets = None, torch.zeros(len(cubes), dtype=torch.long, device=device)
-    if labels is not None and settings.mode == "multitask":
-        classes = int(labels.max()) + 1
-        weights = compute_class_weight("balanced", classes=np.arange(classes), y=labels[train])
-        class_weight = torch.tensor(weights, dtype=torch.float32, device=device)
-        targets = torch.from_numpy(labels).to(device)
-
-    def loss(out: Any, masks: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if settings.mode == "segmentation":
-            return dice_ce(out, masks)
-        logits, segmentation = out
-        return F.cross_entropy(logits.float(), y, class_weight) + dice_ce(segmentation, masks)
-
-    def loss_of(
-        net: nn.Module, images: torch.Tensor, masks: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
-        return loss(net(images), masks, y)
-
-    augment = augmentation(settings.augment)
-
-    def train_epoch(epoch: int) -> float:
-        torch.manual_seed(seed_of(settings.seed, epoch, 1))
-        shuffled = np.random.default_rng(seed_of(settings.seed, epoch)).permutation(train)
-        total = 0.0
-        for start in range(0, len(shuffled), settings.batch_size):
-            batch = shuffled[start : start + settings.batch_size].tolist()
-            seeds = [seed_of(settings.seed, epoch, 2, i) for i in batch]
-            images, masks = _batch(cubes, batch, device, augment, seeds)
-            total += trainer.step(loss_of, images, masks, targets[batch]) * len(batch)
-        return total / len(shuffled)
-
-    @torch.inference_mode()
-    def evaluate(net: nn.Module) -> Evaluation:
-        losses, dice_logits, dice_masks, scores = [], [], [], []
-        for index in valid.tolist():
-            images, masks = _batch(cubes, [index], device)
-            with trainer.autocast():
-                out = net(images)
-            losses.append(float(loss(out, masks, targets[[index]])))
-            segmentation = out if settings.mode == "segmentation" else out[1]
-            dice_logits.append(segmentation.float().cpu())
-            dice_masks.append(masks.cpu())
-            if settings.mode == "multitask":
-                scores.append(float(out[0].float().softmax(dim=1)[0, 1]))
-        dice = hard_dice(torch.cat(dice_logits), torch.cat(dice_masks))
-        extra = {"dice": dice}
-        metric = dice
-        if settings.mode == "multitask" and labels is not None:
-            truth = labels[valid]
-            auc = float(roc_auc_score(truth, scores)) if len(set(truth)) > 1 else float("nan")
-            extra["auc"] = auc
-            metric = dice if np.isnan(auc) else (auc + dice) / 2
-        return Evaluation(float(np.mean(losses)), metric, torch.tensor(scores), extra)
-
+    trainer = Trainer(model, device, settings.optimiser, team, all_used=False)
+    objective = _Objective(settings, labels, train, device)
     fit(
         trainer,
         epochs=settings.epochs,
-        train_epoch=train_epoch,
-        evaluate=evaluate,
+        train_epoch=partial(_train_epoch, trainer, objective, cubes, train, team),
+        evaluate=partial(_evaluate, trainer, objective, cubes, valid, team),
         out_dir=out_dir,
         metric_name="dice" if settings.mode == "segmentation" else "score",
         title=f"pretrain {settings.mode}",
         learning_rate=settings.learning_rate,
+        writes=team is None or team.writes,
     )
+    if team is not None and not team.writes:
+        return None
     best = torch.load(out_dir / BEST, map_location="cpu", weights_only=True)
     model.load_state_dict(best)
     head = model.head if isinstance(model, ConvNeXt3DSegmenter) else model.segment
@@ -309,4 +306,172 @@ def pretrain(
         settings.input_size,
         {"pretraining": settings.mode},
         segmentation_head=head.state_dict(),
+    )
+
+
+def _pretraining_cubes(
+    patients: Sequence[Patient],
+    settings: PretrainSettings,
+    out_dir: Path,
+    cache: Path,
+    lesion_dir: Path | None,
+    device: torch.device,
+    ranks: Ranks,
+) -> list[Cube]:
+    """The cubes with their lesion masks: the given ones, or the segmenter's pseudo-labels."""
+    use_masks = settings.mode == "segmentation" or settings.pseudo_labels_from is None
+    if use_masks and lesion_dir is None:
+        raise InputError("lesion masks are needed (data/lesions/<PatientID>.mha)")
+    cubes = shared_cubes(
+        patients, cache, settings.input_size, ranks, lesion_dir=lesion_dir if use_masks else None
+    )
+    if use_masks:
+        return cubes
+    source = Path(str(settings.pseudo_labels_from))
+    key = sha256_of(source)[:16]
+    return pseudo_labels(
+        load_segmenter(source), cubes, out_dir / "pseudo-labels", device, key, ranks
+    )
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The pretraining loss: Dice + cross-entropy of the lesions, plus, for the multitask,
+    the class-weighted cross-entropy of the labels (the training rows' balanced weights)."""
+
+    settings: PretrainSettings
+    labels: np.ndarray | None
+    train: np.ndarray
+    device: torch.device
+
+    @property
+    def multitask(self) -> bool:
+        return self.settings.mode == "multitask" and self.labels is not None
+
+    @functools.cached_property
+    def class_weight(self) -> torch.Tensor | None:
+        if not self.multitask:
+            return None
+        assert self.labels is not None  # multitask
+        classes = int(self.labels.max()) + 1
+        weights = compute_class_weight(
+            "balanced", classes=np.arange(classes), y=self.labels[self.train]
+        )
+        return torch.tensor(weights, dtype=torch.float32, device=self.device)
+
+    def targets(self, rows: Sequence[int]) -> torch.Tensor:
+        if not self.multitask:
+            return torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        assert self.labels is not None
+        return torch.from_numpy(self.labels[list(rows)]).to(self.device)
+
+    def __call__(
+        self,
+        out: Any,
+        masks: torch.Tensor,
+        y: torch.Tensor,
+        fraction: float = 1.0,
+        total_weight: float | None = None,
+    ) -> torch.Tensor:
+        """The loss of a batch; of a team's share with `fraction` (share size x team size /
+        batch size) and `total_weight` (the whole batch's class weights / team size), so
+        that the team's averaged gradient is the whole batch's."""
+        if self.settings.mode == "segmentation":
+            return fraction * dice_ce(out, masks)
+        logits, segmentation = out
+        if total_weight is None:
+            label_loss = F.cross_entropy(logits.float(), y, self.class_weight)
+        else:
+            assert self.class_weight is not None
+            each = F.cross_entropy(logits.float(), y, reduction="none")
+            label_loss = (self.class_weight[y] * each).sum() / total_weight
+        return label_loss + fraction * dice_ce(segmentation, masks)
+
+    def batch_weight(self, rows: Sequence[int]) -> float | None:
+        if self.class_weight is None:
+            return None
+        return float(self.class_weight[self.targets(rows)].sum())
+
+
+def _train_epoch(
+    trainer: Trainer,
+    objective: _Objective,
+    cubes: Sequence[Cube],
+    train: np.ndarray,
+    team: Team | None,
+    epoch: int,
+) -> float:
+    """One epoch over the training rows in a seeded order; the mean loss."""
+    settings = objective.settings
+    torch.manual_seed(seed_of(settings.seed, epoch, 1))
+    shuffled = np.random.default_rng(seed_of(settings.seed, epoch)).permutation(train)
+    augment = augmentation(settings.augment)
+    total = 0.0
+    for start in range(0, len(shuffled), settings.batch_size):
+        batch = shuffled[start : start + settings.batch_size].tolist()
+        rows, scale, fraction, total_weight = batch, 1.0, 1.0, None
+        if team is not None:
+            share = team.share(batch)
+            rows, scale = (share, 1.0) if share else (batch[:1], 0.0)
+            fraction = len(share) * team.size / len(batch)
+            weight = objective.batch_weight(batch)
+            total_weight = None if weight is None else weight / team.size
+        seeds = [seed_of(settings.seed, epoch, 2, i) for i in rows]
+        images, masks = _batch(cubes, rows, trainer.device, augment, seeds)
+
+        def loss_of(
+            net: nn.Module,
+            images: torch.Tensor,
+            masks: torch.Tensor,
+            y: torch.Tensor,
+            scale: float = scale,
+            fraction: float = fraction,
+            total_weight: float | None = total_weight,
+        ) -> torch.Tensor:
+            return scale * objective(net(images), masks, y, fraction, total_weight)
+
+        value = trainer.step(loss_of, images, masks, objective.targets(rows))
+        total += value * (len(batch) if team is None else len(batch) / team.size)
+    if team is not None:
+        total = team.total(total)
+    return total / len(shuffled)
+
+
+@torch.inference_mode()
+def _evaluate(
+    trainer: Trainer,
+    objective: _Objective,
+    cubes: Sequence[Cube],
+    valid: np.ndarray,
+    team: Team | None,
+    net: nn.Module,
+) -> Evaluation:
+    """Validation on the held-out rows (a share of them on each rank of a team): the mean
+    loss, Dice, and for the multitask the ROC-AUC and the mean of the two."""
+    rows = valid.tolist() if team is None else team.share(valid.tolist())
+    each = []  # (loss, Dice counts, P(positive) or NaN) per patient
+    for index in rows:
+        images, masks = _batch(cubes, [index], trainer.device)
+        with trainer.autocast():
+            out = net(images)
+        loss = float(objective(out, masks, objective.targets([index])))
+        segmentation = out[1] if objective.multitask else out
+        score = float(out[0].float().softmax(dim=1)[0, 1]) if objective.multitask else math.nan
+        each.append((loss, dice_counts(segmentation.float().cpu(), masks.cpu()), score))
+    if team is not None:
+        each = interleave(team.gather(each))
+    dice = _dice_of([counts for _, counts, _ in each])
+    extra = {"dice": dice}
+    metric, scores = dice, [score for _, _, score in each]
+    if objective.multitask:
+        assert objective.labels is not None
+        truth = objective.labels[valid]
+        auc = float(roc_auc_score(truth, scores)) if len(set(truth)) > 1 else float("nan")
+        extra["auc"] = auc
+        metric = dice if np.isnan(auc) else (auc + dice) / 2
+    return Evaluation(
+        float(np.mean([loss for loss, _, _ in each])),
+        metric,
+        torch.tensor(scores if objective.multitask else []),
+        extra,
     )

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,15 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stoic_ct.atomic import atomic_write, atomic_write_text
 from stoic_ct.convnext_training.augmentation import AUGMENTATIONS
+from stoic_ct.distributed import Team
 from stoic_ct.errors import InputError
 from stoic_ct.models.convnext3d import SIZES
 from stoic_ct.plots import Panel, Series, fitted_range, line_panels
 
 logger = logging.getLogger(__name__)
+
+# The stem's gradient (one input channel) comes out of conv3d's backward with strides that
+# DDP's bucket does not expect; DDP copies that one small tensor and warns at every step.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 SETTINGS_FILE = "settings.json"
 
@@ -170,11 +177,29 @@ class NetworkSettings:
 
 
 class Trainer:
-    """A network, its EMA copy, AdamW and the AMP scaler on one device."""
+    """A network, its EMA copy, AdamW and the AMP scaler on one device; with a `team`, the
+    network steps under DistributedDataParallel with the team's other ranks (which start
+    from the first rank's weights). `all_used`: whether the forward uses every parameter
+    (not so for a segmenter, whose encoder keeps a class head it does not use)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, settings: OptimiserSettings):
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        settings: OptimiserSettings,
+        team: Team | None = None,
+        all_used: bool = True,
+    ):
         self.device = device
         self.model = model.to(device)
+        self.network: nn.Module = self.model
+        if team is not None:
+            self.network = DistributedDataParallel(
+                self.model,
+                device_ids=[device] if device.type == "cuda" else None,
+                process_group=team.group,
+                find_unused_parameters=not all_used,
+            )
         average = get_ema_multi_avg_fn(settings.ema_decay)  # type: ignore[no-untyped-call]
         self.ema = AveragedModel(self.model, multi_avg_fn=average, use_buffers=True)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
@@ -209,7 +234,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = compute_loss(self.model, *inputs)
+            loss = compute_loss(self.network, *inputs)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss is {loss.item()}; lower --lr")
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
@@ -291,6 +316,7 @@ def fit(
     metric_name: str,
     title: str,
     learning_rate: Callable[[int], float] | None = None,
+    writes: bool = True,
 ) -> FitOutcome:
     """Run epochs 0..epochs-1, resuming from out_dir/last.pt when it is there.
 
@@ -300,6 +326,7 @@ def fit(
             runs (NetworkSettings.learning_rate); None keeps the optimiser's.
         evaluate: validates the EMA network; a higher metric is better.
         title: names the run in logs and on the learning-curve plot.
+        writes: whether this process writes the folder's files (one rank of a team does).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, float]] = []
@@ -331,21 +358,24 @@ def fit(
                 "loss": evaluation.loss,
                 "outputs": evaluation.outputs.cpu(),
             }
-            _save(trainer.averaged.state_dict(), out_dir / BEST)
-        _save({"trainer": trainer.state_dict(), "history": history, "best": best}, out_dir / LAST)
-        write_metrics(history, out_dir, metric_name, title)
-        logger.info(
-            "%s epoch %d/%d: train loss %.4f, validation loss %.4f, %s %.4f%s (%.1f s)",
-            title,
-            epoch + 1,
-            epochs,
-            train_loss,
-            evaluation.loss,
-            metric_name,
-            evaluation.metric,
-            " (best)" if best["epoch"] == epoch else "",
-            row["seconds"],
-        )
+            if writes:
+                _save(trainer.averaged.state_dict(), out_dir / BEST)
+        if writes:
+            state = {"trainer": trainer.state_dict(), "history": history, "best": best}
+            _save(state, out_dir / LAST)
+            write_metrics(history, out_dir, metric_name, title)
+            logger.info(
+                "%s epoch %d/%d: train loss %.4f, validation loss %.4f, %s %.4f%s (%.1f s)",
+                title,
+                epoch + 1,
+                epochs,
+                train_loss,
+                evaluation.loss,
+                metric_name,
+                evaluation.metric,
+                " (best)" if best["epoch"] == epoch else "",
+                row["seconds"],
+            )
     if best["epoch"] < 0:
         raise ValueError(f"{title}: no epoch was run (epochs = {epochs})")
     return FitOutcome(int(best["epoch"]), float(best["metric"]), best["outputs"], history)

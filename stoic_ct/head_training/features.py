@@ -35,7 +35,7 @@ from tqdm import tqdm
 from stoic_ct.atomic import atomic_write
 from stoic_ct.errors import InputError, StoicError
 from stoic_ct.inference.pipeline import EncodedScan
-from stoic_ct.io.cohort import Patient, task_rows
+from stoic_ct.io.cohort import Patient, check_shards, task_rows
 from stoic_ct.io.demographics import Demographics, header_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.io.orientation import Orientation
@@ -133,12 +133,18 @@ class FeatureTable:
         return table
 
 
-def merge_tables(tables: Sequence[FeatureTable]) -> FeatureTable:
+def merge_tables(
+    tables: Sequence[FeatureTable], names: Sequence[str] | None = None
+) -> FeatureTable:
     """One table from shards of the same extraction, sorted by patient.
 
+    Args:
+        names: each table's name in messages (its file); default "table 1", ...
+
     Raises:
-        InputError: when the shards come from different model files or precisions, or a
-            patient appears in two of them.
+        InputError: when the shards come from different model files or precisions, a
+            shard is missing or given twice, a shard's table lacks some of its patients
+            (in neither its rows nor its failures), or a patient is in two tables.
     """
     if not tables:
         raise InputError("no feature table to merge")
@@ -148,17 +154,24 @@ def merge_tables(tables: Sequence[FeatureTable]) -> FeatureTable:
             "the tables were extracted with different model files or precisions "
             f"(encoder keys {sorted(str(k)[:12] for k in keys)}); merge only shards of one run"
         )
+    names = names or [f"table {i + 1}" for i in range(len(tables))]
+    check_shards(
+        [
+            (
+                name,
+                t.provenance,
+                set(t.patient_id.tolist()) | {f["patient_id"] for f in t.provenance["failures"]},
+            )
+            for name, t in zip(names, tables, strict=True)
+        ]
+    )
     ids = np.concatenate([t.patient_id for t in tables])
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        twice = ", ".join(unique[counts > 1][:5])
-        raise InputError(f"patients {twice} appear in more than one table")
     order = np.argsort(ids, kind="stable")
     merged = {
         name: np.concatenate([getattr(t, name) for t in tables])[order]
         for name in FeatureTable.ARRAYS
     }
-    provenance = dict(tables[0].provenance)
+    provenance = {k: v for k, v in tables[0].provenance.items() if k not in ("shard_ids", "cohort")}
     provenance["failures"] = [f for t in tables for f in t.provenance.get("failures", [])]
     provenance["shard"] = None
     return FeatureTable(**merged, provenance=provenance)
@@ -243,6 +256,28 @@ def extract(
     Raises:
         InputError: when no scan at all gave features.
     """
+    rows, failures = fill_cache(patients, model, cache_dir, key, masks_dir, progress)
+    if not rows:
+        raise InputError("no scan gave features; see the messages above")
+    provenance = key | {
+        "format_version": FORMAT_VERSION,
+        "lung_masks": str(masks_dir) if masks_dir is not None else "R231 U-Net",
+        "failures": failures,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return _table(rows, provenance)
+
+
+def fill_cache(
+    patients: Sequence[Patient],
+    model: FeatureExtractor,
+    cache_dir: Path,
+    key: dict[str, Any],
+    masks_dir: Path | None = None,
+    progress: bool = True,
+) -> tuple[list[tuple[Patient, ScanFeatures]], list[dict[str, str]]]:
+    """Each patient's features, from the cache or computed and cached; and the failures
+    (PatientID and message each), logged and left out."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[Patient, ScanFeatures]] = []
     failures: list[dict[str, str]] = []
@@ -285,15 +320,7 @@ def extract(
         cache_dir,
         len(failures),
     )
-    if not rows:
-        raise InputError("no scan gave features; see the messages above")
-    provenance = key | {
-        "format_version": FORMAT_VERSION,
-        "lung_masks": str(masks_dir) if masks_dir is not None else "R231 U-Net",
-        "failures": failures,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    return _table(rows, provenance)
+    return rows, failures
 
 
 def _log_progress(done: int, total: int, seconds: float) -> None:

@@ -1,15 +1,21 @@
 """What `predict` needs to run hundreds of scans safely: a results table written as it goes,
-resumable, quality-control file names that never collide, and each scan's warnings kept.
+resumable, quality-control file names that never collide, each scan's warnings kept, and
+the tables of a sharded run (`--shard I/N`, each with its TABLE.shard.json) merged only
+when they make the whole.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from stoic_ct.atomic import atomic_write_text
+from stoic_ct.errors import InputError
+from stoic_ct.io.cohort import check_shards
 from stoic_ct.io.imageio import image_stem
 
 logger = logging.getLogger(__name__)
@@ -99,3 +105,49 @@ def collected_warnings() -> Iterator[list[str]]:
         yield collector.messages
     finally:
         root.removeHandler(collector)
+
+
+def shard_file(table: Path) -> Path:
+    """Where a shard's record lies beside its results table: TABLE.shard.json."""
+    return table.with_name(table.name + ".shard.json")
+
+
+def write_shard_record(table: Path, record: dict[str, object]) -> None:
+    """Record beside `table` which shard of which image list it holds (io.cohort.shard_record)."""
+    atomic_write_text(shard_file(table), json.dumps(record) + "\n")
+
+
+def merge_results(tables: Sequence[Path], out: Path) -> int:
+    """One results table from the tables of every shard of a run, in the order of the
+    image paths; returns its number of rows.
+
+    Raises:
+        InputError: naming the table without a shard record, or (io.cohort.check_shards)
+            the missing or repeated shards and images.
+    """
+    rows: list[dict[str, str]] = []
+    records = []
+    for table in tables:
+        try:
+            record = json.loads(shard_file(table).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(
+                f"has no {shard_file(table).name} beside it: merge the tables that predict "
+                "--shard wrote",
+                table,
+            ) from None
+        with table.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "image" not in reader.fieldnames:
+                raise InputError("is not a results table of predict (no 'image' column)", table)
+            held = list(reader)
+        records.append((str(table), record, {row["image"] for row in held}))
+        rows += held
+    check_shards(records)
+    rows.sort(key=lambda row: row["image"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)

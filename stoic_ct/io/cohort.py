@@ -12,8 +12,12 @@ holds COV19-CT-DB's four grades (1 mild, 2 moderate, 3 severe, 4 critical) for t
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -183,3 +187,79 @@ def shard(patients: list[Patient], index: int, count: int) -> list[Patient]:
     """
     ordered = sorted(patients, key=lambda p: p.id)
     return ordered[index - 1 :: count]
+
+
+def shard_record(ids: Sequence[str], index: int, count: int) -> dict[str, Any]:
+    """What a shard's output records so that a merge can check it: the shard ("I/N"), the
+    whole list it was cut from (its size and digest) and the ids of this shard."""
+    ordered = sorted(ids)
+    return {
+        "shard": f"{index}/{count}",
+        "cohort": {"size": len(ordered), "digest": _digest(ordered)},
+        "shard_ids": ordered[index - 1 :: count],
+    }
+
+
+def check_shards(records: Sequence[tuple[str, dict[str, Any], set[str]]]) -> None:
+    """That the shards' outputs make the whole: (name, shard_record, ids it holds) each,
+    the ids held including failures.
+
+    Raises:
+        InputError: naming the missing or repeated shards, the ids of a shard missing
+            from its output, or the ids in two outputs.
+    """
+    seen: dict[str, str] = {}
+    twice = sorted(
+        {i for name, _, held in records for i in held if seen.setdefault(i, name) != name}
+    )
+    if twice:
+        raise InputError(
+            f"{len(twice)} patient(s) appear in more than one table: {_few(twice)}; "
+            "merge each shard once"
+        )
+    sharded = [(name, record) for name, record, _ in records if record.get("cohort")]
+    if not sharded:
+        return
+    if len(sharded) < len(records):
+        raise InputError("some tables are shards and some are not; merge the shards of one run")
+    cohorts = {json.dumps(record["cohort"], sort_keys=True) for _, record in sharded}
+    counts = {record["shard"].split("/")[1] for _, record in sharded}
+    if len(cohorts) > 1 or len(counts) > 1:
+        raise InputError(
+            "the tables are shards of different runs (other cohorts or shard counts: "
+            + ", ".join(f"{name} {record['shard']}" for name, record in sharded)
+            + ")"
+        )
+    count = int(counts.pop())
+    given: dict[int, list[str]] = {}
+    for name, record in sharded:
+        given.setdefault(int(record["shard"].split("/")[0]), []).append(name)
+    repeated = {i: names for i, names in given.items() if len(names) > 1}
+    if repeated:
+        raise InputError(
+            "shards given twice: "
+            + "; ".join(f"{i}/{count} in {', '.join(names)}" for i, names in repeated.items())
+        )
+    missing = [i for i in range(1, count + 1) if i not in given]
+    if missing:
+        raise InputError(
+            f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} of {count} are missing; "
+            "every shard must be run and merged (shards are numbered from 1)"
+        )
+    for name, record, held in records:
+        lacking = sorted(set(record["shard_ids"]) - held)
+        if lacking:
+            raise InputError(
+                f"lacks {len(lacking)} of its shard's patients: {_few(lacking)} (the run of "
+                f"shard {record['shard']} did not finish)",
+                name,
+            )
+
+
+def _digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _few(ids: Sequence[str], shown: int = 10) -> str:
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more

@@ -200,16 +200,3 @@ def test_the_fold_ensemble_is_the_mean_of_the_folds_softmax(tmp_path: Path) -> N
     each = [m.eval()(cube[None])[0].softmax(dim=0).detach().double().numpy() for m in folds]
     assert not np.allclose(each[0], each[1])
     np.testing.assert_allclose(ensemble.probabilities(cube), np.mean(each, axis=0), atol=1e-6)
-
-
-def test_folds_shared_among_two_devices_give_what_one_device_gives(
-    small_cohort: Path, tmp_path: Path
-) -> None:
-    """Two devices (here two CPU processes) each train their folds; the run is the same."""
-    patients, labels = task_patients(small_cohort, "covid")
-    settings = FinetuneSettings(**{**TINY.__dict__, "epochs": 1})
-    one = finetune(patients, labels, settings, tmp_path / "one", device=CPU, progress=False)
-    two = finetune(patients, labels, settings, tmp_path / "two", device=[CPU, CPU], progress=False)
-    np.testing.assert_allclose(two.probabilities, one.probabilities, atol=1e-6)
-    np.testing.assert_array_equal(two.fold, one.fold)
-    assert all((tmp_path / "two" / f"fold-{k}" / "best.pt").exists() for k in (1, 2))

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from stoic_ct.errors import InputError
-from stoic_ct.io.cohort import UNKNOWN, Patient, parse_shard, read_cohort, read_reference, shard
+from stoic_ct.io.cohort import (
+    UNKNOWN,
+    Patient,
+    check_shards,
+    parse_shard,
+    read_cohort,
+    read_reference,
+    shard,
+    shard_record,
+)
 
 
 def write_reference(path: Path, text: str) -> Path:
@@ -80,3 +89,24 @@ def test_bad_shards_are_rejected(text: str) -> None:
     with pytest.raises(ValueError, match="shard"):
         parse_shard(text)
     assert parse_shard("2/5") == (2, 5)
+
+
+def test_shards_make_the_whole_or_the_merge_says_what_is_missing() -> None:
+    ids = [f"p{i:02d}" for i in range(7)]
+    records = [shard_record(ids, i, 3) for i in (1, 2, 3)]
+    held = [set(r["shard_ids"]) for r in records]
+    assert [len(h) for h in held] == [3, 2, 2] and set().union(*held) == set(ids)
+    check_shards([(f"t{i}", r, h) for i, (r, h) in enumerate(zip(records, held, strict=True))])
+    with pytest.raises(InputError, match=r"shard\(s\) 2/3 of 3 are missing"):
+        check_shards([("t1", records[0], held[0]), ("t3", records[2], held[2])])
+    with pytest.raises(InputError, match="shards given twice: 1/3 in t1, again"):
+        check_shards([("t1", records[0], held[0]), ("again", records[0], set())])
+    with pytest.raises(InputError, match="t2: lacks 1 of its shard's patients: p04"):
+        check_shards(
+            [("t1", records[0], held[0]), ("t2", records[1], {"p01"}), ("t3", records[2], held[2])]
+        )
+    with pytest.raises(InputError, match="1 patient\\(s\\) appear in more than one table: p00"):
+        check_shards([("t1", records[0], held[0]), ("t2", records[1], held[1] | {"p00"})])
+    other = shard_record([*ids, "p07"], 2, 3)
+    with pytest.raises(InputError, match="shards of different runs"):
+        check_shards([("t1", records[0], held[0]), ("t2", other, set(other["shard_ids"]))])
