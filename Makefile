@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/shellcheck --external-sources build.sh test.sh export.sh scripts/*.sh \
+		scripts/cluster/*.sbatch \
 		test/container/*.sh .ci/run
 	$(BIN)/hadolint Dockerfile test/container/base.Containerfile
 
