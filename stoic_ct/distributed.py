@@ -174,12 +174,10 @@ def environment_shard(environ: Mapping[str, str] = os.environ) -> tuple[int, int
     if "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
         task, count = number("SLURM_ARRAY_TASK_ID"), number("SLURM_ARRAY_TASK_COUNT")
         first, step = number("SLURM_ARRAY_TASK_MIN", "0"), number("SLURM_ARRAY_TASK_STEP", "1")
-        index, where = (
-            (task - first) // max(step, 1),
-            (
-                f"SLURM_ARRAY_TASK_ID={task} (from {first} in steps of {step}) and "
-                f"SLURM_ARRAY_TASK_COUNT={count}"
-            ),
+        index = (task - first) // max(step, 1)
+        where = (
+            f"SLURM_ARRAY_TASK_ID={task} (from {first} in steps of {step}) and "
+            f"SLURM_ARRAY_TASK_COUNT={count}"
         )
     elif "WORLD_SIZE" in environ and ("RANK" in environ or "JOB_COMPLETION_INDEX" in environ):
         name = "RANK" if "RANK" in environ else "JOB_COMPLETION_INDEX"
@@ -324,8 +322,9 @@ def launch(command: Sequence[str], processes: int) -> int:
     )
     logger.info("starting %d processes: %s", processes, " ".join(command))
     # CPU threads per process: the machine's cores shared among them, unless set already
-    # (torchrun would set 1 and say so).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    # (torchrun would set 1 and say so). The processes take this environment when started.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = threads or str(max(1, (os.cpu_count() or 1) // processes))
     try:
         elastic_launch(config, command[0])(*command[1:])
     except ChildFailedError as error:
@@ -337,6 +336,9 @@ def launch(command: Sequence[str], processes: int) -> int:
             failure.exitcode,
         )
         return 1
+    finally:
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
     return 0
 
 
