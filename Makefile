@@ -2,7 +2,8 @@
 #   make demo   set up .venv and run the algorithm on the shipped test case
 #   make test   set up .venv and run every check: ruff, mypy, shellcheck, hadolint, the tests,
 #               and the container test when docker or podman is usable (in CI: always)
-# Other targets: make setup, make lint, make container-test, make clean.
+# Other targets: make setup, make lint, make container-test, make gpu-check (on a GPU
+# machine: every GPU measurement in one call), make clean.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 # podman settings for restricted machines (runc, explicit ulimits), for the container test only.
 export CONTAINERS_CONF ?= $(CURDIR)/test/container/containers.conf
 
-.PHONY: setup demo test lint container-test clean
+.PHONY: setup demo test lint container-test gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,6 +27,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 demo: $(STAMP)
 	./scripts/demo.sh
+
+# On a machine with a GPU: every GPU measurement in one call (bench/gpu_check.py).
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
