@@ -285,10 +285,8 @@ def run_ranks(
             because another rank was lost.
     """
     ranks = launched_ranks()
-    if ranks.alone and devices != "auto" and len(parse_devices(devices)) > 1:
-        return launch(command, len(parse_devices(devices)))
-    if ranks.alone and devices == "auto" and torch.cuda.device_count() > 1:
-        return launch(command, torch.cuda.device_count())
+    if ranks.alone and len(listed := parse_devices(devices)) > 1:
+        return launch(command, len(listed))
     device = rank_device(ranks, devices)
     try:
         with joined(ranks, device, timeout_s):

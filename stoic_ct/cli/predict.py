@@ -19,7 +19,7 @@ from stoic_ct.inference.batch import (
     start_csv,
     write_shard_record,
 )
-from stoic_ct.io.cohort import shard_record
+from stoic_ct.io.cohort import shard_record, take_shard
 from stoic_ct.io.demographics import parse_age, resolve_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.options import add_model_arguments, add_shard_argument, model_settings, resolve_shard
@@ -133,7 +133,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 "--shard needs --csv: each shard writes its own table, which "
                 "merge-predictions merges"
             )
-        images = sorted(images, key=lambda pair: str(pair[0]))[index - 1 :: count]
+        images = take_shard(images, index, count, lambda pair: str(pair[0]))
         logger.info("shard %d/%d: %d of %d images", index, count, len(images), len(masks))
     model_dir = args.model_dir or default_model_dir()
     settings = model_settings(args)

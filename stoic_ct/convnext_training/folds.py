@@ -186,8 +186,8 @@ def train_fold(
                 # (DDP averages the ranks' gradients); a rank without a share steps on
                 # its batch's first patient at weight 0, as DDP needs every rank's step.
                 normaliser = float(weights[labels[train][batch]].sum()) / team.size
-                rows = team.share(batch) or batch[:1]
-                scale = 1.0 if team.share(batch) else 0.0
+                share = team.share(batch)
+                rows, scale = (share, 1.0) if share else (batch[:1], 0.0)
             seeds = [seed_of(settings.seed, fold, epoch, 2, i) for i in rows]
             images, _ = load_batch(train_cubes, rows, device, augment, seeds)
             metadata = metadata_batch(train_cubes, rows, device) if with_metadata else None

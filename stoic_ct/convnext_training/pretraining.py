@@ -120,12 +120,8 @@ def dice_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
     return int((predicted & truth).sum()), int(predicted.sum() + truth.sum())
 
 
-def hard_dice(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """Dice of the argmax lesion masks over the whole batch (1 when both are empty)."""
-    return _dice_of([dice_counts(logits, target)])
-
-
 def _dice_of(counts: Sequence[tuple[int, int]]) -> float:
+    """Dice of argmax masks from their counts, summed over patients (1 when all are empty)."""
     intersection, total = (sum(c[i] for c in counts) for i in (0, 1))
     return 1.0 if total == 0 else 2 * intersection / total
 

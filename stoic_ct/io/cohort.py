@@ -14,14 +14,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from stoic_ct.errors import InputError
+
+T = TypeVar("T")
 
 REFERENCE_COLUMNS = ("PatientID", "probCOVID", "probSevere")
 GRADE_COLUMN = "severity"
@@ -185,8 +187,13 @@ def shard(patients: list[Patient], index: int, count: int) -> list[Patient]:
 
     Interleaving keeps the shards balanced when scan sizes drift with the ID.
     """
-    ordered = sorted(patients, key=lambda p: p.id)
-    return ordered[index - 1 :: count]
+    return take_shard(patients, index, count, lambda p: p.id)
+
+
+def take_shard(items: Sequence[T], index: int, count: int, key: Callable[[T], str]) -> list[T]:
+    """The `index`-th of `count` disjoint shards (1-based): every count-th item in the
+    order of `key`, the one rule every sharded command and its merge check share."""
+    return sorted(items, key=key)[index - 1 :: count]
 
 
 def shard_record(ids: Sequence[str], index: int, count: int) -> dict[str, Any]:
@@ -196,7 +203,7 @@ def shard_record(ids: Sequence[str], index: int, count: int) -> dict[str, Any]:
     return {
         "shard": f"{index}/{count}",
         "cohort": {"size": len(ordered), "digest": _digest(ordered)},
-        "shard_ids": ordered[index - 1 :: count],
+        "shard_ids": take_shard(ordered, index, count, str),
     }
 
 
