@@ -75,6 +75,28 @@ def test_the_training_job_starts_one_torchrun_per_node_meeting_at_the_first(
     ]
 
 
+def test_the_training_job_reads_a_node_list_longer_than_a_pipe_holds(tmp_path: Path) -> None:
+    # Under pipefail, a reader that stops at the first host makes scontrol die of SIGPIPE.
+    _stand_in(tmp_path, "scontrol", 'seq -f "gpu-node-%g" 1 20000')
+    _stand_in(tmp_path, "srun", 'echo "$@"')
+    environment = os.environ | {
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "PYTHON": "python",
+        "SLURM_JOB_NODELIST": "gpu-node-[1-20000]",
+        "SLURM_NNODES": "20000",
+        "SLURM_JOB_ID": "4243",
+        "GPUS_PER_NODE": "4",
+    }
+    ran = subprocess.run(
+        [str(CLUSTER / "train.sbatch"), "/in", "/out", "/scratch"],
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    assert ran.returncode == 0, (ran.returncode, ran.stderr)
+    assert "--rdzv_endpoint=gpu-node-1:29500" in ran.stdout.split()
+
+
 def test_the_indexed_job_names_the_image_and_the_shard_variables() -> None:
     job = yaml.safe_load((CLUSTER / "predict-job.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
