@@ -56,7 +56,7 @@ from stoic_ct.head_training.training import (
     write_heads,
 )
 from stoic_ct.inference.pipeline import Balaitous, EncodedScan
-from stoic_ct.inference.precision import ModelSettings
+from stoic_ct.inference.precision import ModelSettings, numerics_of
 from stoic_ct.io.cohort import UNKNOWN, Patient, read_cohort
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.io.volume import Volume
@@ -204,7 +204,8 @@ def balaitous_features(run: TrainingRun, patients: list[Patient]) -> FeatureTabl
     the scans are cached in chunks shared among them first; the leader then reads its
     table from the cache (a scan that failed is tried once more, and reported)."""
     with_r231 = run.lung_masks is None
-    key = encoder_key(run.model_dir, run.model.precision, with_r231, run.encoder, run.orientation)
+    numbers = numerics_of(run.model.device, run.model.precision)  # fast differs by device
+    key = encoder_key(run.model_dir, numbers, with_r231, run.encoder, run.orientation)
     cache = run.scratch_dir / "feature-cache"
     model = _LazyExtractor(run)
     if not run.ranks.alone:

@@ -56,8 +56,9 @@ def add_model_arguments(
         "--precision",
         choices=PRECISIONS,
         default="exact",
-        help="exact: the published numbers (default); fast: float16 on a GPU, int8 on a CPU, "
-        "within 0.02 of exact on the benchmark",
+        help="exact: the published numbers (default); fast: float16 on a GPU, on a CPU "
+        "bfloat16 where it has AMX or AVX512-BF16 units, int8 elsewhere (within 0.02 of exact "
+        "on the benchmark); int8, bfloat16: one of the CPU's fast modes, whatever the CPU",
     )
     if device:
         parser.add_argument(

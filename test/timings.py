@@ -18,6 +18,10 @@ class Timings:
         """A figure that is not a time, e.g. a probability to show beside another."""
         MEASURED[name] = f"{value:.8f}"
 
+    def text(self, name: str, text: str) -> None:
+        """A figure already written out, with its unit (a memory size, say)."""
+        MEASURED[name] = text
+
     def since(self, name: str, started: float) -> None:
         """`name` took from `started` (time.perf_counter()) until now."""
         self.add(name, time.perf_counter() - started)

@@ -189,9 +189,11 @@ class Trainer:
         settings: OptimiserSettings,
         team: Team | None = None,
         all_used: bool = True,
+        amp: bool | None = None,
     ):
         self.device = device
-        self.model = model.to(device)
+        on_device = all(p.device == device for p in model.parameters())
+        self.model = model if on_device else model.to(device)  # (fake tensors cannot move)
         self.network: nn.Module = self.model
         if team is not None:
             self.network = DistributedDataParallel(
@@ -211,9 +213,10 @@ class Trainer:
             ],
             lr=settings.lr,
         )
-        # Mixed precision on a GPU only: float16 autocast with a loss scaler (T4s have no bf16).
-        self.amp = device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # Mixed precision on a GPU (`amp` None): float16 autocast with a loss scaler (T4s have
+        # no bf16). The memory model asks for autocast on the CPU, where no scaler runs.
+        self.amp = device.type == "cuda" if amp is None else amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and device.type == "cuda")
 
     def autocast(self) -> torch.autocast:
         """The context of forward passes: float16 autocast on a GPU, float32 otherwise."""
@@ -231,17 +234,28 @@ class Trainer:
 
         Returns the loss value.
         """
+        loss = self.backward(compute_loss, *inputs)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss is {loss.item()}; lower --lr")
+        self.update()
+        self.ema.update_parameters(self.model)
+        return float(loss.detach())
+
+    def backward(
+        self, compute_loss: Callable[..., torch.Tensor], *inputs: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The forward pass under autocast and the (scaled) backward; returns the loss."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss = compute_loss(self.network, *inputs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss is {loss.item()}; lower --lr")
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    def update(self) -> None:
+        """AdamW's step on the gradients (unscaled, and skipped when they overflowed)."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.ema.update_parameters(self.model)
-        return float(loss.detach())
 
     @property
     def averaged(self) -> nn.Module:

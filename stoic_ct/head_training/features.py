@@ -203,8 +203,9 @@ def encoder_key(
     encoder: str = "vit",
     orientation: Orientation = "canonical",
 ) -> dict[str, Any]:
-    """What the features depend on besides the scan: the model files' sha256, the precision,
-    the orientation the scans are read in.
+    """What the features depend on besides the scan: the model files' sha256, the numbers
+    the networks compute in (stoic_ct.inference.precision.numerics_of: "exact", "float16",
+    "int8", "bfloat16"), the orientation the scans are read in.
 
     Returns:
         {"encoder_key": hex digest, "model_files": {name: sha256}, "precision": ...,

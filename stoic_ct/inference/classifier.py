@@ -82,6 +82,15 @@ def save_fold_ensemble(
     return atomic_write(path, lambda f: torch.save(document, f))
 
 
+def mean_probabilities(
+    models: Sequence[torch.nn.Module], x: torch.Tensor, extra: torch.Tensor | None, head: str
+) -> torch.Tensor:
+    """(1, 1, S, S, S) cube and (1, M) metadata -> (C,) float64: the mean of the models'
+    class probabilities."""
+    each = torch.cat([head_probabilities(model(x, extra).float(), head) for model in models])
+    return each.mean(dim=0).double()
+
+
 class FoldEnsemble:
     """Every fold's classifier on one device: a CT volume in, (C,) class probabilities out."""
 
@@ -162,10 +171,8 @@ class FoldEnsemble:
                 raise StoicError(f"the {self.task} fold ensemble takes age and sex; none given")
             extra = torch.tensor([demographics.features], dtype=torch.float32, device=self.device)
         with numerics(self.device, self.precision):
-            each = torch.cat(
-                [head_probabilities(model(x, extra).float(), self.head) for model in self.models]
-            )
-        return each.mean(dim=0).double().cpu().numpy()
+            mean = mean_probabilities(self.models, x, extra, self.head)
+        return mean.cpu().numpy()
 
     def cube(self, volume: Volume) -> torch.Tensor:
         """The (1, S, S, S) input this ensemble takes, prepared on its device."""

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from stoic_ct.inference.precision import ModelSettings, check_precision, int8_linear, numerics
+from stoic_ct.inference.precision import (
+    ModelSettings,
+    check_precision,
+    int8_linear,
+    numerics,
+    uses_int8,
+)
 from stoic_ct.models.convnext3d import ConvNeXt3D, load_convnext3d
 from stoic_ct.models.vit import VisionTransformer, load_vit
 from stoic_ct.preprocessing.convnext_preprocessing import to_cube
@@ -38,6 +44,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The blocks of each published ViT that Balaitous runs: all 24 of the CT one, the first
 # 16 of the ImageNet one.
 VIT_BLOCKS = {VIT_CT: 24, VIT_IMAGENET: 16}
+# Slices per ViT batch (each with its flip) by device type: a CPU's throughput is flat
+# beyond 16; on a GPU, 32 keep the activations near 0.6 GB (float32, the memory model).
+VIT_BATCH = {"cuda": 32, "cpu": 16}
 
 
 class Encoder(Protocol):
@@ -97,15 +106,30 @@ def feature_dim(spec: ModelFileSpec, path: Path) -> int:
 
 
 def to_model_input(
-    slices: np.ndarray, device: torch.device, window: tuple[float, float] = HU_WINDOW
+    slices: np.ndarray | torch.Tensor,
+    device: torch.device,
+    window: tuple[float, float] = HU_WINDOW,
 ) -> torch.Tensor:
     """(H, W, Z) HU -> (Z, 3, H, W) float32 on `device`, windowed and ImageNet-normalised."""
     low, high = window
-    hu = torch.from_numpy(np.ascontiguousarray(slices.transpose(2, 0, 1))).to(device)
+    if isinstance(slices, np.ndarray):
+        slices = torch.from_numpy(np.ascontiguousarray(slices))
+    hu = slices.permute(2, 0, 1).contiguous().to(device)
     scaled = (hu.to(torch.float32).clamp(low, high) - low) / (high - low)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     return (scaled.unsqueeze(1) - mean) / std
+
+
+def flip_summed_features(
+    model: nn.Module, slices: np.ndarray | torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """(H, W, B) HU -> (2, D) float64: the CLS features of the B slices, summed, and the
+    same for their vertical flips (rows reversed), which run in the same batch."""
+    batch = to_model_input(slices, device)
+    both = torch.cat((batch, batch.flip(2)))
+    cls: torch.Tensor = model(both)
+    return cls.to(torch.float64).view(2, len(batch), -1).sum(dim=1)
 
 
 class SliceEncoder:
@@ -125,12 +149,10 @@ class SliceEncoder:
     ) -> None:
         self.dim = model.config.embed_dim
         self.device, self.precision = device, check_precision(precision)
-        # 16 slices and their flips: a CPU's throughput is flat beyond; on a GPU, 32 keep the
-        # activations near 2 GB (float32), so that the exact mode fits a 16 GB T4.
-        self.batch_size = batch_size or (32 if device.type == "cuda" else 16)
+        self.batch_size = batch_size or VIT_BATCH[device.type]
         self.weights = weights if device.type == "cpu" else None
         self._mapped = list(model.state_dict().values()) if self.weights else []
-        if device.type == "cpu" and precision == "fast":
+        if uses_int8(device, precision):
             self.model: nn.Module = int8_linear(model)
             self._release()
         else:
@@ -148,10 +170,8 @@ class SliceEncoder:
         total = torch.zeros(2, self.dim, dtype=torch.float64, device=self.device)
         with numerics(self.device, self.precision):
             for start in range(0, slices.shape[2], self.batch_size):
-                batch = to_model_input(slices[..., start : start + self.batch_size], self.device)
-                both = torch.cat((batch, batch.flip(2)))
-                cls = self.model(both).to(torch.float64).view(2, len(batch), self.dim)
-                total += cls.sum(dim=1)
+                chunk = slices[..., start : start + self.batch_size]
+                total += flip_summed_features(self.model, chunk, self.device)
         self._release()
         per_flip = total / slices.shape[2]
         feature: np.ndarray = per_flip.mean(dim=0).cpu().numpy()
@@ -180,7 +200,7 @@ class VolumeEncoder:
         self.dim = model.feature_dim
         self.device, self.precision = device, check_precision(precision)
         self.input_size = input_size
-        if device.type == "cpu" and precision == "fast":
+        if uses_int8(device, precision):
             self.model: nn.Module = int8_linear(model)
         else:
             self.model = model.to(device)
@@ -191,8 +211,16 @@ class VolumeEncoder:
         if slices.ndim != 3 or slices.shape[2] == 0:
             raise ValueError(f"expected (H, W, Z) slices with Z >= 1, not shape {slices.shape}")
         hu = torch.from_numpy(np.ascontiguousarray(slices.transpose(2, 0, 1))).to(self.device)
-        cube = to_cube(hu, self.input_size, HU_WINDOW)
         with numerics(self.device, self.precision):
-            feature = self.model(cube[None, None]).to(torch.float64)
-        out: np.ndarray = feature[0].cpu().numpy()
+            feature = volume_feature(self.model, hu, self.input_size)
+        out: np.ndarray = feature.cpu().numpy()
         return out
+
+
+def volume_feature(model: nn.Module, hu: torch.Tensor, input_size: int) -> torch.Tensor:
+    """(Z, H, W) HU on the model's device -> (D,) float64: the frozen ConvNeXt's feature of
+    the stack resized to `input_size` cubed (the cube itself in float32, outside autocast)."""
+    with torch.autocast(hu.device.type, enabled=False):
+        cube = to_cube(hu, input_size, HU_WINDOW)
+    feature: torch.Tensor = model(cube[None, None])
+    return feature[0].to(torch.float64)

@@ -1,10 +1,12 @@
 """Where and in what numbers the networks run: the device, and the precision, "exact" (the
 published numbers) or "fast".
 
-exact: float32 everywhere, no TF32 on GPUs. fast: on a GPU, float16 autocast; on a CPU,
-int8: dynamic quantisation of the ViT's Linear layers, and static quantisation of the
-U-Net's convolutions, calibrated on slices of the first scan it sees. The benchmark measures what
-fast costs in probability (bench/README).
+exact: float32 everywhere, no TF32 on GPUs. fast: on a GPU, float16 autocast; on a CPU
+with bfloat16 matrix units (AMX, or AVX512-BF16), bfloat16 autocast; on other CPUs, int8:
+dynamic quantisation of the ViT's Linear layers, and static quantisation of the U-Net's
+convolutions, calibrated on slices of the first scan it sees. "int8" and "bfloat16" ask
+for one of the CPU's two fast modes whatever the CPU has. The benchmark measures what each
+costs in probability and time (bench/README).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 
 from stoic_ct.errors import StoicError
 
-PRECISIONS = ("exact", "fast")
+PRECISIONS = ("exact", "fast", "int8", "bfloat16")
+CPU_FAST = ("int8", "bfloat16")  # the CPU's two fast modes
 
 
 def check_precision(name: str) -> str:
@@ -28,6 +31,48 @@ def check_precision(name: str) -> str:
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {name!r}")
     return name
+
+
+def bfloat16_units() -> tuple[str, ...]:
+    """The CPU's bfloat16 matrix units that PyTorch's kernels use: "AMX", "AVX512-BF16"."""
+    found = []
+    if torch.cpu._is_amx_tile_supported():
+        found.append("AMX")
+    if torch.cpu._is_avx512_bf16_supported():
+        found.append("AVX512-BF16")
+    return tuple(found)
+
+
+def cpu_fast(units: tuple[str, ...] | None = None) -> str:
+    """What "fast" means on a CPU with these bfloat16 `units` (default: this CPU's):
+    "bfloat16" where it has any, "int8" where it has none."""
+    return "bfloat16" if (bfloat16_units() if units is None else units) else "int8"
+
+
+def numerics_of(device: torch.device, precision: str) -> str:
+    """The numbers the networks compute in: "exact" (float32), "float16" (a GPU's fast),
+    "int8" or "bfloat16" (a CPU's fast).
+
+    Raises:
+        StoicError: for a CPU mode (int8, bfloat16) on a GPU.
+    """
+    check_precision(precision)
+    if precision == "exact":
+        return "exact"
+    if device.type == "cuda":
+        if precision != "fast":
+            raise StoicError(
+                f"--precision {precision} is one of the CPU's fast modes; on a GPU, "
+                "--precision fast is float16"
+            )
+        return "float16"
+    return cpu_fast() if precision == "fast" else precision
+
+
+def uses_int8(device: torch.device, precision: str) -> bool:
+    """Whether the networks are quantised to int8 (a CPU's fast mode without bfloat16 units,
+    or asked for)."""
+    return numerics_of(device, precision) == "int8"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,7 +92,8 @@ class ModelSettings:
 
     Attributes:
         device: where they run (default: the CPU).
-        precision: "exact" (the published numbers) or "fast".
+        precision: "exact" (the published numbers), "fast", or one of the CPU's fast modes
+            ("int8", "bfloat16"; see the module's docstring).
         encoder: the frozen encoders under the heads (stoic_ct.weights.model_files.ENCODER_CHOICES);
             None: the model folder's choice (its system.json; the ViTs without one).
         batch_size: slices per ViT batch (default: 32 on a GPU, 16 on a CPU).
@@ -59,7 +105,7 @@ class ModelSettings:
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        check_precision(self.precision)
+        numerics_of(self.device, self.precision)  # a CPU mode on a GPU is refused here
         if self.batch_size is not None and self.batch_size < 1:
             raise StoicError(f"the batch size must be at least 1, not {self.batch_size}")
 
@@ -85,9 +131,13 @@ def exact_float32() -> Iterator[None]:
 
 
 def numerics(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
-    """The context the networks run in: exact float32, or float16 autocast on a GPU."""
-    if precision == "fast" and device.type == "cuda":
+    """The context the networks run in: exact float32, float16 autocast on a GPU, bfloat16
+    autocast on a CPU (int8 networks are quantised beforehand and run in this float32 one)."""
+    kind = numerics_of(device, precision)
+    if kind == "float16":
         return torch.autocast("cuda", dtype=torch.float16)
+    if kind == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return exact_float32()
 
 

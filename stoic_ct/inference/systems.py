@@ -15,8 +15,18 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from stoic_ct.device_memory import GB, free_memory
 from stoic_ct.errors import ModelFileError, StoicError
 from stoic_ct.inference.classifier import FoldEnsemble
+from stoic_ct.inference.gpu_memory import (
+    check_fits,
+    fit_batches,
+    modelled_peak,
+    set_batches,
+    workload_of,
+)
 from stoic_ct.inference.pipeline import Balaitous, BalaitousPrediction, LungMasks
 from stoic_ct.inference.precision import EXACT_ON_CPU, ModelSettings
 from stoic_ct.inference.prediction import Prediction, System
@@ -143,6 +153,10 @@ class EnsembleSystem:
             name: m.predict(volume, demographics, lung_labels if name == "balaitous" else None)
             for name, m in self.members.items()
         }
+        return self.combine(outcomes)
+
+    def combine(self, outcomes: dict[str, Prediction]) -> EnsemblePrediction:
+        """The weighted average of the members' predictions (by member name)."""
         covid = sum(self.weights["covid"][n] * o.probabilities.covid for n, o in outcomes.items())
         severe = sum(
             self.weights["severe"][n] * o.probabilities.severe for n, o in outcomes.items()
@@ -156,6 +170,40 @@ def balaitous_part(prediction: Prediction) -> BalaitousPrediction | None:
     if isinstance(prediction, EnsemblePrediction):
         prediction = prediction.members.get("balaitous", prediction)
     return prediction if isinstance(prediction, BalaitousPrediction) else None
+
+
+def fit_to_gpu(system: System, settings: ModelSettings, budget: int | None = None) -> None:
+    """On a GPU, set the batch sizes of a loaded system to the largest the memory model
+    says fit `budget` bytes (default: what this process has left, with the loaded weights
+    counted back in); a batch size the user gave is checked instead. Nothing on a CPU.
+
+    Raises:
+        StoicError: when even the smallest batches, or the user's, do not fit.
+    """
+    device = settings.device
+    if device.type != "cuda":
+        return
+    members = system.members if isinstance(system, EnsembleSystem) else {"": system}
+    balaitous = next((m for m in members.values() if isinstance(m, Balaitous)), None)
+    ensembles = [
+        e for m in members.values() if isinstance(m, ConvNeXtSystem) for e in (m.covid, m.severe)
+    ]
+    workload = workload_of(balaitous, ensembles, settings.precision)
+    if budget is None:
+        budget = free_memory(device) + torch.cuda.memory_allocated(device)
+    if settings.batch_size is not None:
+        needed = check_fits(workload, budget)
+    else:
+        workload = fit_batches(workload, budget)
+        needed = modelled_peak(workload)
+        if balaitous is not None:
+            set_batches(balaitous, workload)
+    logger.info(
+        "GPU memory: %s; %s; this process may use %.1f GB",
+        workload.describe(),
+        needed.summary(),
+        budget / GB,
+    )
 
 
 def load_system(
@@ -176,17 +224,21 @@ def load_system(
     """
     if kind not in MODEL_KINDS:
         raise StoicError(f"model must be one of {', '.join(MODEL_KINDS)}, not {kind!r}")
+    system: System
     if kind == "balaitous":
-        return Balaitous.from_model_dir(model_dir, settings, lung_masks=lung_masks)
-    if kind == "convnext3d":
-        return ConvNeXtSystem.from_model_dir(model_dir, settings)
-    weights = read_ensemble_weights(model_dir / ENSEMBLE_WEIGHTS.name)
-    logger.info("ensemble weights: covid %s; severe %s", weights["covid"], weights["severe"])
-    members: dict[str, System] = {
-        "balaitous": Balaitous.from_model_dir(model_dir, settings, lung_masks=lung_masks),
-        "convnext3d": ConvNeXtSystem.from_model_dir(model_dir, settings),
-    }
-    return EnsembleSystem(members, weights)
+        system = Balaitous.from_model_dir(model_dir, settings, lung_masks=lung_masks)
+    elif kind == "convnext3d":
+        system = ConvNeXtSystem.from_model_dir(model_dir, settings)
+    else:
+        weights = read_ensemble_weights(model_dir / ENSEMBLE_WEIGHTS.name)
+        logger.info("ensemble weights: covid %s; severe %s", weights["covid"], weights["severe"])
+        members: dict[str, System] = {
+            "balaitous": Balaitous.from_model_dir(model_dir, settings, lung_masks=lung_masks),
+            "convnext3d": ConvNeXtSystem.from_model_dir(model_dir, settings),
+        }
+        system = EnsembleSystem(members, weights)
+    fit_to_gpu(system, settings)
+    return system
 
 
 def load_model_folder(

@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -19,7 +20,7 @@ import torch
 from scipy import ndimage
 
 from stoic_ct.errors import InputError
-from stoic_ct.inference.precision import CalibratedInt8, check_precision, numerics
+from stoic_ct.inference.precision import CalibratedInt8, check_precision, numerics, uses_int8
 from stoic_ct.io.volume import Volume
 from stoic_ct.models.r231 import r231_network
 from stoic_ct.preprocessing.resampling import resample_labels
@@ -33,6 +34,10 @@ LUNGMASK_WINDOW = (-1024, 600)
 
 RIGHT_LUNG, LEFT_LUNG = 1, 2
 _WORKERS = min(8, os.cpu_count() or 1)
+# Slices per U-Net batch by device type: throughput is flat from 4 on a CPU and 8 on a GPU;
+# each slice holds about 120 MB of activations (float32, the memory model).
+R231_BATCH = {"cuda": 8, "cpu": 4}
+R231_INPUT = 256  # lungmask's slice side at the U-Net's input
 
 
 class LungSegmenter(Protocol):
@@ -48,8 +53,8 @@ class R231Segmenter:
     connected-component clean-up, the resize back) are used as they are, the per-slice
     steps on several threads; only the network runs differently: weights memory-mapped and
     released after use, channels-last memory on a CPU, batches sized to the device, and in
-    the fast precision int8 (CPU) or float16 (GPU). In the exact precision the labels equal
-    lungmask's `LMInferer`.
+    the fast precision int8 or bfloat16 (CPU) or float16 (GPU). In the exact precision the
+    labels equal lungmask's `LMInferer`.
     """
 
     def __init__(
@@ -61,9 +66,7 @@ class R231Segmenter:
     ) -> None:
         check_r231_weights(weights)
         self.weights, self.device, self.precision = weights, device, check_precision(precision)
-        # Throughput is flat from 4 slices on a CPU and 8 on a GPU; each slice holds about
-        # 200 MB of activations (float32), so that more would only take memory.
-        self.batch_size = batch_size or (8 if device.type == "cuda" else 4)
+        self.batch_size = batch_size or R231_BATCH[device.type]
         with torch.device("meta"):
             model = r231_network()
         state = load_state_dict(weights, R231)
@@ -85,48 +88,14 @@ class R231Segmenter:
 
     def __call__(self, volume: Volume) -> np.ndarray:
         """Lung labels for `volume`, (z, y, x) uint8, same grid."""
-        from lungmask import utils
-
-        image = volume.to_sitk()
-        orientation = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(
-            image.GetDirection()
-        )
-        if orientation != "LPS":
-            image = sitk.DICOMOrient(image, "LPS")
-        raw = sitk.GetArrayFromImage(image)
-        # lungmask's per-slice steps, slices in parallel (scipy lets go of the GIL).
-        clipped = np.clip(raw, *LUNGMASK_WINDOW)
-        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-            cropped = list(
-                pool.map(lambda s: utils.crop_and_resize(s, width=256, height=256), clipped)
-            )
-        slices = np.asarray([c[0] for c in cropped])
-        boxes = [c[1] for c in cropped]
-        low, high = LUNGMASK_WINDOW
-        slices[slices > high] = high
-        slices = np.divide(slices - low, high - low)
-        labels = self._classify(slices)
-        labels = utils.postprocessing(labels, disable_tqdm=True)
-        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-            labels = np.asarray(
-                list(
-                    pool.map(
-                        lambda i: utils.reshape_mask(labels[i], boxes[i], raw.shape[1:]),
-                        range(len(labels)),
-                    )
-                ),
-                dtype=np.uint8,
-            )
-        if orientation != "LPS":
-            back = sitk.DICOMOrient(sitk.GetImageFromArray(labels), orientation)
-            labels = sitk.GetArrayFromImage(back)
-        return labels.astype(np.uint8, copy=False)
+        unet_input = lungmask_input(volume)
+        return lungmask_labels(self.classify(unet_input.slices), unet_input)
 
     @torch.inference_mode()
-    def _classify(self, slices: np.ndarray) -> np.ndarray:
+    def classify(self, slices: np.ndarray) -> np.ndarray:
         """(Z, 256, 256) inputs in [0, 1] -> (Z, 256, 256) uint8 argmax classes."""
         out = np.empty(slices.shape, dtype=np.uint8)
-        if self.precision == "fast" and self.device.type == "cpu" and self._int8 is None:
+        if uses_int8(self.device, self.precision) and self._int8 is None:
             # Ranges from slices across the scan, top, middle and bottom.
             picks = np.linspace(0, len(slices) - 1, num=min(3, len(slices))).round().astype(int)
             samples = torch.as_tensor(slices[picks, None], dtype=torch.float32)
@@ -134,15 +103,96 @@ class R231Segmenter:
             self._network = self._int8
         with numerics(self.device, self.precision):
             for start in range(0, len(slices), self.batch_size):
-                batch = torch.as_tensor(
-                    slices[start : start + self.batch_size, None], dtype=torch.float32
-                ).to(self.device)
-                if self.device.type == "cpu":
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                classes = self._network(batch).argmax(1)
-                out[start : start + len(classes)] = classes.to(torch.uint8).cpu().numpy()
+                chunk = slices[start : start + self.batch_size]
+                classes = classify_slices(self._network, chunk, self.device)
+                out[start : start + len(classes)] = classes.cpu().numpy()
         release_file_pages(self._mapped, self.weights)
         return out
+
+
+@dataclass(frozen=True)
+class UNetInput:
+    """What lungmask's pre-processing makes of a volume, for the U-Net and for the way back.
+
+    Attributes:
+        slices: (Z, 256, 256) float64 in [0, 1]: each axial slice (LPS order) cropped to the
+            body and resized.
+        boxes: each slice's body box, to put its classes back.
+        shape: (Z, H, W) of the LPS-ordered volume.
+        orientation: the volume's own orientation code, to turn the labels back to.
+    """
+
+    slices: np.ndarray
+    boxes: list[np.ndarray]
+    shape: tuple[int, int, int]
+    orientation: str
+
+
+def lungmask_input(volume: Volume) -> UNetInput:
+    """lungmask's pre-processing (utils.preprocess) of a volume in HU, per-slice steps on
+    several threads (scipy lets go of the GIL)."""
+    from lungmask import utils
+
+    image = volume.to_sitk()
+    orientation = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(
+        image.GetDirection()
+    )
+    if orientation != "LPS":
+        image = sitk.DICOMOrient(image, "LPS")
+    raw = sitk.GetArrayFromImage(image)
+    clipped = np.clip(raw, *LUNGMASK_WINDOW)
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        cropped = list(
+            pool.map(
+                lambda s: utils.crop_and_resize(s, width=R231_INPUT, height=R231_INPUT),
+                clipped,
+            )
+        )
+    slices = np.asarray([c[0] for c in cropped])
+    low, high = LUNGMASK_WINDOW
+    slices[slices > high] = high
+    z, y, x = raw.shape
+    return UNetInput(
+        np.divide(slices - low, high - low), [c[1] for c in cropped], (z, y, x), orientation
+    )
+
+
+def lungmask_labels(classes: np.ndarray, unet_input: UNetInput) -> np.ndarray:
+    """lungmask's post-processing: the U-Net's (Z, 256, 256) classes to (z, y, x) uint8 lung
+    labels on the grid of the volume `unet_input` came from (3D connected-component
+    clean-up, then each slice put back in its box, on several threads)."""
+    from lungmask import utils
+
+    labels = utils.postprocessing(classes, disable_tqdm=True)
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        labels = np.asarray(
+            list(
+                pool.map(
+                    lambda i: utils.reshape_mask(
+                        labels[i], unet_input.boxes[i], unet_input.shape[1:]
+                    ),
+                    range(len(labels)),
+                )
+            ),
+            dtype=np.uint8,
+        )
+    if unet_input.orientation != "LPS":
+        back = sitk.DICOMOrient(sitk.GetImageFromArray(labels), unet_input.orientation)
+        labels = sitk.GetArrayFromImage(back)
+    return labels.astype(np.uint8, copy=False)
+
+
+def classify_slices(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    slices: np.ndarray | torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, 256, 256) U-Net inputs in [0, 1] -> (B, 256, 256) uint8 argmax classes on
+    `device` (channels-last memory on a CPU)."""
+    batch = torch.as_tensor(slices[:, None], dtype=torch.float32).to(device)
+    if device.type == "cpu":
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return network(batch).argmax(1).to(torch.uint8)
 
 
 # Two lungs hold 4-6 L; a scan cut at mid-thorax still shows well over this much of them.

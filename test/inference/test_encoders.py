@@ -12,6 +12,7 @@ import torch
 from bench.published import install_compose_for_balaitous
 from helpers import resident_bytes
 from stoic_ct.inference.encoders import SliceEncoder, to_model_input
+from stoic_ct.inference.precision import numerics_of
 from stoic_ct.models.vit import VisionTransformer, ViTConfig, load_vit
 from stoic_ct.weights.model_files import VIT_CT
 from stoic_ct.weights.random_weights import random_vit_state_dict
@@ -115,14 +116,21 @@ def test_tf32_is_off_while_encoding_and_restored_after(ours: VisionTransformer) 
         torch.set_float32_matmul_precision("highest")
 
 
-def test_fast_precision_is_close_to_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fast", "int8", "bfloat16"])
+def test_fast_precision_is_close_to_exact(tmp_path: Path, precision: str) -> None:
     config = ViTConfig(embed_dim=128, depth=4, num_heads=2, mlp_hidden=512)
     torch.save(random_vit_state_dict(config, seed=8), tmp_path / "vit.pth")
     image = slices(6, depth=6)
     exact = SliceEncoder(load_vit(tmp_path / "vit.pth", VIT_CT, 4), CPU)(image)
-    fast = SliceEncoder(load_vit(tmp_path / "vit.pth", VIT_CT, 4), CPU, precision="fast")(image)
+    encoder = SliceEncoder(load_vit(tmp_path / "vit.pth", VIT_CT, 4), CPU, precision=precision)
+    fast = encoder(image)
     error = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
     assert 0 < error < 0.05
+    quantised = any(
+        type(m) is not torch.nn.Linear and "Linear" in type(m).__name__
+        for m in encoder.model.modules()
+    )
+    assert quantised == (numerics_of(CPU, precision) == "int8")
 
 
 def test_weights_leave_memory_after_each_call(tmp_path: Path) -> None:

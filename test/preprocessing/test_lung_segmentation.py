@@ -89,10 +89,21 @@ def test_r231_gives_lungmasks_labels_without_downloading(
     np.testing.assert_array_equal(ours, expected)
 
 
+def test_r231_bfloat16_gives_labels_close_to_exact(segmenting_weights: Path) -> None:
+    """bfloat16 autocast (the fast mode of CPUs with bfloat16 units): no calibration."""
+    volume = resample(make_phantom(PHANTOM))
+    cpu = torch.device("cpu")
+    exact = R231Segmenter(segmenting_weights, cpu, batch_size=2)(volume)
+    fast = R231Segmenter(segmenting_weights, cpu, batch_size=2, precision="bfloat16")
+    labels = fast(volume)
+    assert fast._int8 is None
+    assert np.mean(labels == exact) > 0.99 and np.count_nonzero(labels) > 1000
+
+
 def test_r231_fast_precision_gives_labels(segmenting_weights: Path) -> None:
     """int8 after calibration on the first scan; its accuracy is measured by the benchmark."""
     volume = resample(make_phantom(PHANTOM))
-    fast = R231Segmenter(segmenting_weights, torch.device("cpu"), batch_size=2, precision="fast")
+    fast = R231Segmenter(segmenting_weights, torch.device("cpu"), batch_size=2, precision="int8")
     labels = fast(volume)
     assert labels.shape == volume.voxels.shape and set(np.unique(labels)) <= {0, 1, 2}
     calibrated = fast._int8
