@@ -12,9 +12,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from stoic_ct.models.convnext3d import SIZES
+from stoic_ct.inference.classifier import save_fold_ensemble
+from stoic_ct.models.convnext3d import SIZES, ConvNeXt3D
 from stoic_ct.models.vit import ViTConfig
 from stoic_ct.phantom import PhantomSpec, make_phantom, write_phantom
+from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -233,3 +235,23 @@ def official_2d_state(
         "head.bias": r(classes),
     }
     return state
+
+
+def write_fold_ensemble(directory: Path, task: str, seeds: tuple[int, ...]) -> None:
+    """convnext3d_<task>.pth: a micro ConvNeXt per seed at 32^3, two classes, as folds."""
+    folds = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = ConvNeXt3D("micro", num_classes=2)
+        with torch.no_grad():
+            model.head.bias.copy_(torch.tensor([0.0, seed / 4]))  # type: ignore[operator]
+        folds.append(model.state_dict())
+    save_fold_ensemble(
+        directory / f"convnext3d_{task}.pth",
+        folds=folds,
+        size="micro",
+        input_size=32,
+        window=DEFAULT_WINDOW,
+        task=task,
+        classes=("a", "b"),
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -237,17 +237,9 @@ class Balaitous:
             InputError: when the volume is too small for the working grid, or the lung
                 mask cannot be used.
         """
-        seconds: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            seconds[stage] = now - clock
-            clock = now
-
+        watch = Stopwatch()
         resampled = resample(volume)
-        lap("resample")
+        watch.lap("resample")
         if lung_labels is not None:
             labels = labels_from_mask_image(lung_labels, resampled)
         elif self.segmenter is not None:
@@ -256,15 +248,21 @@ class Balaitous:
             raise StoicError(
                 "no lung segmenter is loaded (lung_masks='given') and no lung mask was given"
             )
-        lap("lung mask")
+        watch.lap("lung mask")
         stack = prepare_slices(resampled, labels)
-        lap("crop")
+        watch.lap("crop")
+        return self.encode_slices(stack, watch.seconds)
+
+    def encode_slices(self, stack: SliceStack, seconds: dict[str, float]) -> EncodedScan:
+        """The encoders on prepared slices (published steps 8-11); `seconds` so far, to
+        which theirs are added."""
+        watch = Stopwatch(dict(seconds))
         image = stack.image[..., stack.kept]
         features = {"full": self.full(image)}
-        lap("encoder full")
+        watch.lap("encoder full")
         features["lung"] = self.lung(mask_outside_lungs(image, stack.mask[..., stack.kept]))
-        lap("encoder lung")
-        return EncodedScan(features, stack, seconds)
+        watch.lap("encoder lung")
+        return EncodedScan(features, stack, watch.seconds)
 
     def predict(
         self, volume: Volume, demographics: Demographics, lung_labels: Volume | None = None
@@ -276,12 +274,31 @@ class Balaitous:
         """
         if self.heads is None:
             raise StoicError("no heads are loaded: this model only extracts features")
-        encoded = self.encode(volume, lung_labels)
-        started = time.perf_counter()
+        return self.classify(self.encode(volume, lung_labels), demographics)
+
+    def classify(self, encoded: EncodedScan, demographics: Demographics) -> BalaitousPrediction:
+        """The heads on an encoded scan (published step 12)."""
+        if self.heads is None:
+            raise StoicError("no heads are loaded: this model only extracts features")
+        watch = Stopwatch(dict(encoded.seconds))
         probabilities = self.heads(
             encoded.features, demographics.age_feature, demographics.sex_feature
         )
-        seconds = encoded.seconds | {"heads": time.perf_counter() - started}
+        watch.lap("heads")
         return BalaitousPrediction(
-            probabilities, seconds, demographics, encoded.features, encoded.slices
+            probabilities, watch.seconds, demographics, encoded.features, encoded.slices
         )
+
+
+@dataclass
+class Stopwatch:
+    """Wall time per stage: each `lap` records the seconds since the previous one."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        """Record `stage` as having taken the time since the last lap (added to any before)."""
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.clock
+        self.clock = now

@@ -65,6 +65,11 @@ class Volume:
             image=image,
         )
 
+    def __reduce__(self) -> tuple[type[Volume], tuple[object, ...]]:
+        # Sent to another process (a cohort's worker), the voxels go alone, as an array.
+        voxels = np.array(self.voxels)
+        return type(self), (voxels, self.spacing, self.origin, self.direction)
+
     def to_sitk(self) -> sitk.Image:
         """A SimpleITK image with these voxels (same pixel type) and geometry."""
         if self.image is not None:

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import process
-from helpers import write_case
+from helpers import write_case, write_fold_ensemble
 from stoic_ct.convnext_training.pretraining import PretrainSettings, load_segmenter, pretrain
 from stoic_ct.errors import InputError, StoicError
-from stoic_ct.inference.classifier import save_fold_ensemble
 from stoic_ct.inference.pipeline import Balaitous
 from stoic_ct.inference.systems import (
     ConvNeXtSystem,
@@ -26,8 +25,6 @@ from stoic_ct.inference.systems import (
 from stoic_ct.io.cohort import read_cohort
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.imageio import read_scan
-from stoic_ct.models.convnext3d import ConvNeXt3D
-from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
 from stoic_ct.preprocessing.cubes import LESION_DIR, task_patients
 from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
 from stoic_ct.weights.system_record import origin, write_system_record
@@ -35,31 +32,12 @@ from stoic_ct.weights.system_record import origin, write_system_record
 CPU = torch.device("cpu")
 
 
-def _write_ensemble(directory: Path, task: str, seeds: tuple[int, ...]) -> None:
-    folds = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        model = ConvNeXt3D("micro", num_classes=2)
-        with torch.no_grad():
-            model.head.bias.copy_(torch.tensor([0.0, seed / 4]))  # type: ignore[operator]
-        folds.append(model.state_dict())
-    save_fold_ensemble(
-        directory / f"convnext3d_{task}.pth",
-        folds=folds,
-        size="micro",
-        input_size=32,
-        window=DEFAULT_WINDOW,
-        task=task,
-        classes=("a", "b"),
-    )
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("systems") / "model"
     shutil.copytree(tiny_model_dir, directory)
-    _write_ensemble(directory, "covid", (1, 2))
-    _write_ensemble(directory, "severe", (3,))
+    write_fold_ensemble(directory, "covid", (1, 2))
+    write_fold_ensemble(directory, "severe", (3,))
     return directory
 
 
