@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.chart import bar_chart
+from bench.chart import LABELS, bar_chart
 from bench.runner import STAGES
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -128,6 +128,32 @@ def run_once(
     return report
 
 
+# The fast modes each device runs: both of a CPU's, so that the faster can be seen.
+FAST_MODES = {"cpu": ("int8", "bfloat16"), "cuda": ("fast",)}
+FAST_TOLERANCE = 0.02  # the largest probability difference from exact a fast mode may have
+
+
+def cpu_fast_choice(
+    phantoms: dict[str, Any], units: tuple[str, ...], default: str
+) -> dict[str, Any]:
+    """Which of the CPU's fast modes the figures favour: the one with the lower total of
+    whole-run times among those within FAST_TOLERANCE of exact on every phantom; beside
+    what --precision fast picks on this CPU (from its bfloat16 units)."""
+    within = {
+        mode: sum(summary[f"ours-{mode}"]["wall"] for summary in phantoms.values())
+        for mode in FAST_MODES["cpu"]
+        if all(s[f"{mode}_difference"] <= FAST_TOLERANCE for s in phantoms.values())
+    }
+    faster = min(within, key=within.__getitem__) if within else None
+    shown = ", ".join(units) or "no bfloat16 units"
+    line = (
+        f"CPU fast modes: fast picks {default} on this CPU ({shown}); measured faster within "
+        f"{FAST_TOLERANCE} of exact: {faster or 'neither'}"
+        + ("" if faster in (None, default) else " (the default differs: see bench/README.md)")
+    )
+    return {"units": list(units), "default": default, "faster": faster, "line": line}
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over repetitions of one implementation on one phantom."""
     first_scans = [r["scans"][0] for r in runs]
@@ -141,6 +167,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "stages": {k: statistics.median(s["seconds"][k] for s in first_scans) for k in STAGES},
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "peak_gpu_mb": max((r["peak_gpu_mb"] or 0) for r in runs) or None,
+        "peak_gpu_reserved_mb": max((r.get("peak_gpu_reserved_mb") or 0) for r in runs) or None,
+        "modelled_gpu": runs[0].get("modelled_gpu"),
         "probabilities": first_scans[0]["probabilities"],
         "unet_digests": runs[0]["unet_digests"],
         "repetitions": len(runs),
@@ -160,6 +188,12 @@ def _row(label: str, unit: str, values: list[float | None]) -> str | None:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
+def _modelled_mb(summary: dict[str, Any], key: str) -> float | None:
+    """A figure of the memory model's estimate, in MB as the measured ones (MiB)."""
+    modelled = summary.get("modelled_gpu")
+    return modelled[key] * 1e9 / 2**20 if modelled else None
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The tables of the README: one per phantom, rows per stage."""
     lines = [
@@ -173,7 +207,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     for phantom, by_impl in results["phantoms"].items():
-        labels = [label for label in ("published", "ours", "ours-fast") if label in by_impl]
+        labels = [label for label in LABELS if label in by_impl]
         runs = [by_impl[label] for label in labels]
         header = "| | published |" + "".join(f" {label} | ratio |" for label in labels[1:])
         lines += [
@@ -191,17 +225,33 @@ def markdown(results: dict[str, Any]) -> str:
             _row("peak RSS", "MB", [r["peak_rss_mb"] for r in runs]),
             _row("warm scan (models loaded)", "s", [r["warm_scan"] for r in runs]),
             _row("peak GPU memory", "MB", [r["peak_gpu_mb"] for r in runs]),
+            _row(
+                "peak GPU memory, modelled (tensors)",
+                "MB",
+                [_modelled_mb(r, "tensors_gb") for r in runs],
+            ),
+            _row("GPU memory reserved", "MB", [r.get("peak_gpu_reserved_mb") for r in runs]),
+            _row(
+                "GPU memory, modelled (with margins)",
+                "MB",
+                [_modelled_mb(r, "total_gb") for r in runs],
+            ),
         ]
         lines += [row for row in rows if row is not None]
-        fast = by_impl.get("fast_difference")
+        fast = "".join(
+            f"; {mode} vs exact: {by_impl[f'{mode}_difference']:.1e}"
+            for mode in ("fast", *FAST_MODES["cpu"])
+            if f"{mode}_difference" in by_impl
+        )
         lines += [
             "",
             f"Largest probability difference, ours vs published: "
-            f"{by_impl['difference']:.1e}"
-            + (f"; fast vs exact: {fast:.1e}" if fast is not None else "")
+            f"{by_impl['difference']:.1e}{fast}"
             + f". Same U-Net mask: {'yes' if by_impl['same_unet_mask'] else 'NO'}.",
             "",
         ]
+    if choice := results.get("cpu_fast"):
+        lines += [choice["line"] + ".", ""]
     return "\n".join(lines)
 
 
@@ -228,7 +278,11 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each (default 3)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--no-fast", action="store_true", help="skip the fast mode")
+    parser.add_argument(
+        "--no-fast",
+        action="store_true",
+        help="skip the fast modes (on a CPU both, int8 and bfloat16; on a GPU float16)",
+    )
     parser.add_argument(
         "--warm-scans",
         type=int,
@@ -254,7 +308,7 @@ def main() -> None:
         parser.error(f"unknown phantoms {unknown}; choose from {list(PHANTOMS)}")
     warm = args.warm_scans or (2 if args.device == "cuda" else 0)
     impls = [("published", "exact"), ("ours", "exact")] + (
-        [] if args.no_fast else [("ours", "fast")]
+        [] if args.no_fast else [("ours", mode) for mode in FAST_MODES[args.device]]
     )
 
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
@@ -273,6 +327,16 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
+                if modelled := report.get("modelled_gpu"):
+                    print(
+                        f"    GPU memory: {report['peak_gpu_mb'] / 1024:.2f} GiB allocated at "
+                        f"the peak, {modelled['tensors_gb'] * 1e9 / 2**30:.2f} GiB modelled; "
+                        f"{report['peak_gpu_reserved_mb'] / 1024:.2f} GiB reserved, "
+                        f"{modelled['total_gb'] * 1e9 / 2**30:.2f} GiB modelled with the "
+                        f"margins ({modelled['workload']})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
     phantoms: dict[str, Any] = {}
     for name in names:
@@ -282,16 +346,19 @@ def main() -> None:
         summary["same_unet_mask"] = (
             summary["published"]["unet_digests"] == summary["ours"]["unet_digests"]
         )
-        if "ours-fast" in summary:
-            p_fast = summary["ours-fast"]["probabilities"]
-            summary["fast_difference"] = max(
-                abs(a - b) for a, b in zip(p_ours, p_fast, strict=True)
-            )
+        for mode in FAST_MODES[args.device]:
+            if f"ours-{mode}" in summary:
+                p_fast = summary[f"ours-{mode}"]["probabilities"]
+                summary[f"{mode}_difference"] = max(
+                    abs(a - b) for a, b in zip(p_ours, p_fast, strict=True)
+                )
         phantoms[name] = summary
 
     import platform
 
     import torch
+
+    from stoic_ct.inference.precision import bfloat16_units, cpu_fast
 
     results = {
         "date": time.strftime("%Y-%m-%d"),
@@ -303,6 +370,9 @@ def main() -> None:
         "phantoms": phantoms,
         "raw": raw,
     }
+    if args.device == "cpu" and not args.no_fast:
+        results["cpu_fast"] = cpu_fast_choice(phantoms, bfloat16_units(), cpu_fast())
+        print(results["cpu_fast"]["line"], file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"latest-{args.device}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))

@@ -9,7 +9,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from bench.runner import STAGES
 
-COLOURS = {"published": (200, 80, 60), "ours": (60, 120, 200), "ours-fast": (90, 180, 110)}
+COLOURS = {
+    "published": (200, 80, 60),
+    "ours": (60, 120, 200),
+    "ours-fast": (90, 180, 110),
+    "ours-int8": (90, 180, 110),
+    "ours-bfloat16": (230, 170, 40),
+}
+LABELS = tuple(COLOURS)  # the implementations' labels, in the order tables show them
 ROW, BAR, LEFT, WIDTH = 18, 5, 150, 520
 
 

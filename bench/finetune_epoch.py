@@ -7,8 +7,9 @@ The STOIC2021 winner's setting at each size: a tiny ConvNeXt from random weights
 the paper's augmentation, float16 autocast on a GPU (float32 on a CPU), two folds of one
 epoch on phantoms (a fold trains on half of them and validates on the other half). The
 cubes are prepared first and not timed. Written: per size, the seconds per training
-sample (the whole epoch, validation included, over the training samples) and on a GPU
-the peak memory PyTorch allocated.
+sample (the whole epoch, validation included, over the training samples), on a GPU the
+peak memory PyTorch allocated (GiB) and reserved, and beside them the memory model's
+figures for one step (stoic_ct.convnext_training.training_memory, GB).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from stoic_ct.convnext_training.finetuning import finetune
 from stoic_ct.convnext_training.recipes import FinetuneSettings
+from stoic_ct.convnext_training.training_memory import finetune_step_peak
 from stoic_ct.logs import configure_logging
 from stoic_ct.phantom import write_phantom_cohort
 from stoic_ct.preprocessing.cubes import cached_cubes, task_patients
@@ -67,6 +69,10 @@ def one_epoch(
         "peak_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if device.type == "cuda"
         else None,
+        "reserved_gb": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        if device.type == "cuda"
+        else None,
+        "modelled": finetune_step_peak(settings).as_dict(),
     }
 
 

@@ -6,14 +6,19 @@ Runs, each in its own process with a time limit, and writes OUT/gpu-check.json (
 its exit status and time) beside each step's own results:
 
     bench        python -m bench --device cuda --phantoms small,chest --repeat 2
-                 (exact and fast, against the published package)    -> OUT/gpu/
-    bench-t4     the same with --gpu-memory-gb 15 (a 16 GB T4)       -> OUT/gpu-t4/
+                 (exact and fast, against the published package; the memory model's
+                 figures beside the measured peaks; the README's table)  -> OUT/gpu/
+    bench-t4     the same with --gpu-memory-gb 15 (a 16 GB T4)           -> OUT/gpu-t4/
     differential the differential test with our side on the GPU (STOIC_TEST_DEVICE=cuda)
     finetune     one fine-tuning epoch of the tiny ConvNeXt at 224^3 and 256^3, float16
-                 autocast, batch 4: time per sample and peak memory  -> OUT/gpu-finetune.json
+                 autocast, batch 4: time per sample, peak memory measured and modelled
+                                                                      -> OUT/gpu-finetune.json
+    cohort       8 chest-size scans in the fast mode, one at a time and pipelined
+                 (bench/cohort.py): scans per hour                    -> OUT/gpu-cohort.json
 
-Without a CUDA GPU it says so in one line and runs nothing (exit status 1). A step that
-fails or runs out of time is reported and the others still run; the exit status is then 1.
+Then the README's block of these figures is written from the files (`summary`). Without a
+CUDA GPU it says so in one line and runs nothing (exit status 1). A step that fails or runs
+out of time is reported and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,24 +53,90 @@ def steps(out: Path) -> list[Step]:
     python = sys.executable
     bench = [python, "-m", "bench", "--device", "cuda", "--phantoms", "small,chest"]
     return [
-        Step("bench", [*bench, "--repeat", "2", "--out", str(out / "gpu")], 180),
+        Step("bench", [*bench, "--repeat", "2", "--out", str(out / "gpu"), "--update-readme"], 170),
         Step(
             "bench-t4",
             [*bench, "--repeat", "1", "--gpu-memory-gb", "15", "--out", str(out / "gpu-t4")],
-            100,
+            90,
         ),
         Step(
             "differential",
             [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test/test_differential.py"],
-            80,
+            70,
             {"STOIC_TEST_DEVICE": "cuda"},
         ),
         Step(
             "finetune",
             [python, "-m", "bench.finetune_epoch", "--json", str(out / "gpu-finetune.json")],
-            90,
+            80,
+        ),
+        Step(
+            "cohort",
+            [
+                *(python, "-m", "bench.cohort", "--device", "cuda", "--precision", "fast"),
+                *("--phantom", "chest", "--scans", "8", "--json", str(out / "gpu-cohort.json")),
+            ],
+            70,
         ),
     ]
+
+
+def summary(out: Path) -> str:
+    """The README's block: fine-tuning and cohort figures, and the memory model beside the
+    measured peaks, from the files the steps wrote (what a step did not write is said)."""
+    lines = [f"From `make gpu-check` ({_read(out / 'gpu-check.json').get('gpu', 'no GPU')}).", ""]
+    finetune = _read(out / "gpu-finetune.json").get("epochs", [])
+    if finetune:
+        lines += [
+            "| fine-tuning epoch | s per training sample | peak allocated | reserved | "
+            "modelled step (tensors, with margins) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for epoch in finetune:
+            modelled = epoch.get("modelled") or {}
+            lines.append(
+                f"| ConvNeXt-{epoch['size']} {epoch['input_size']}^3, batch "
+                f"{epoch['batch_size']}, AMP | {epoch['seconds_per_training_sample']} | "
+                f"{epoch['peak_gb']} GiB | {epoch.get('reserved_gb')} GiB | "
+                f"{modelled.get('tensors_gb')} GB, {modelled.get('total_gb')} GB |"
+            )
+        lines.append("")
+    cohort = _read(out / "gpu-cohort.json")
+    if cohort:
+        lines += [
+            f"Cohort ({cohort['scans']} {cohort['phantom']}, {cohort['precision']}): one at a "
+            f"time {cohort['one_at_a_time']['scans_per_hour']} scans/hour, with "
+            f"{cohort['workers']} workers {cohort['pipelined']['scans_per_hour']} scans/hour "
+            f"({cohort['speed_up']}x; same probabilities: {cohort['same_probabilities']}).",
+            "",
+        ]
+    for name, title in (("gpu", "full memory"), ("gpu-t4", "capped at 15 GiB")):
+        for phantom, by_impl in _read(out / name / "latest-cuda.json").get("phantoms", {}).items():
+            for label in ("ours", "ours-fast"):
+                run, modelled = by_impl.get(label, {}), by_impl.get(label, {}).get("modelled_gpu")
+                if modelled:
+                    lines.append(
+                        f"- {phantom}, {label}, {title}: {run['peak_gpu_mb'] / 1024:.2f} GiB "
+                        f"allocated at the peak, {modelled['tensors_gb'] * 1e9 / 2**30:.2f} GiB "
+                        "modelled"
+                    )
+    return "\n".join(lines)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        document: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return document
+
+
+def update_readme(block: str, readme: Path = REPOSITORY / "README.md") -> None:
+    """Replace the README's block between its gpu-check marker comments."""
+    text = readme.read_text()
+    first, last = "<!-- gpu-check:start -->", "<!-- gpu-check:end -->"
+    start, end = text.index(first) + len(first), text.index(last)
+    readme.write_text(text[:start] + f"\n{block}\n" + text[end:])
 
 
 def no_gpu() -> str | None:
@@ -114,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu-check.json").write_text(json.dumps(report, indent=1) + "\n")
+    update_readme(summary(args.out))
     outcomes = report["steps"]
     assert isinstance(outcomes, dict)
     failed = [name for name, outcome in outcomes.items() if outcome["status"] != 0]

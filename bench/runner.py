@@ -113,6 +113,23 @@ class Ours:
             system="balaitous",
             lung_masks=recorded_unet,
         )
+        self.unet, self.precision = unet, precision
+
+    def modelled_gpu(self, image: Path) -> dict[str, object]:
+        """The memory model's estimate for this scan, as the model runs it."""
+        from dataclasses import replace
+
+        from stoic_ct.inference.gpu_memory import modelled_peak, workload_of
+        from stoic_ct.io.imageio import read_scan
+
+        volume = read_scan(image).volume
+        workload = replace(
+            workload_of(self.model, [], self.precision),  # type: ignore[arg-type]
+            r231_batch=self.unet.batch_size,
+            scan=volume.size,
+            spacing=volume.spacing,
+        )
+        return {"workload": workload.describe(), **modelled_peak(workload).as_dict()}
 
     def __call__(self, image: Path) -> tuple[dict[str, float], tuple[float, float]]:
         from stoic_ct.io.demographics import resolve_demographics
@@ -198,6 +215,14 @@ def main() -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": (
             torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+        ),
+        "peak_gpu_reserved_mb": (
+            torch.cuda.max_memory_reserved() / 2**20 if args.device == "cuda" else None
+        ),
+        "modelled_gpu": (
+            runner.modelled_gpu(args.image[0])
+            if args.device == "cuda" and isinstance(runner, Ours)
+            else None
         ),
     }
     args.json.write_text(json.dumps(report, indent=1))
