@@ -57,6 +57,7 @@ from stoic_ct.head_training.training import (
 )
 from stoic_ct.inference.pipeline import Balaitous, EncodedScan
 from stoic_ct.inference.precision import ModelSettings, numerics_of
+from stoic_ct.inference.systems import fit_to_gpu
 from stoic_ct.io.cohort import UNKNOWN, Patient, read_cohort
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.io.volume import Volume
@@ -238,11 +239,11 @@ class _LazyExtractor:
         if self.model is None:
             run = self.run
             logger.info("balaitous: models from %s on %s", run.model_dir, run.model.device)
+            settings = replace(run.model, encoder=run.encoder)
             self.model = Balaitous.feature_extractor(
-                run.model_dir,
-                replace(run.model, encoder=run.encoder),
-                lung_masks="r231" if run.lung_masks is None else "given",
+                run.model_dir, settings, lung_masks="r231" if run.lung_masks is None else "given"
             )
+            fit_to_gpu(self.model, settings)
         return self.model.encode(volume, lung_labels)
 
 

@@ -140,6 +140,7 @@ def run_extract_features(args: argparse.Namespace) -> int:
     from stoic_ct.head_training.features import encoder_key, extract
     from stoic_ct.inference.pipeline import Balaitous
     from stoic_ct.inference.precision import numerics_of
+    from stoic_ct.inference.systems import fit_to_gpu
     from stoic_ct.io.cohort import UNKNOWN, read_cohort, shard, shard_record
     from stoic_ct.weights.system_record import choose
 
@@ -163,6 +164,7 @@ def run_extract_features(args: argparse.Namespace) -> int:
     model = Balaitous.feature_extractor(
         model_dir, settings, lung_masks="r231" if args.lung_masks is None else "given"
     )
+    fit_to_gpu(model, settings)
     numbers = numerics_of(settings.device, settings.precision)  # fast differs by device
     key = encoder_key(model_dir, numbers, args.lung_masks is None, encoder, args.orientation)
     cache = args.cache or args.out.parent / ".feature-cache"
