@@ -46,25 +46,33 @@ def test_a_feature_array_task_extracts_its_shard_into_the_shared_cache(tmp_path:
     assert alone.returncode != 0 and "run it as a job array" in alone.stderr
 
 
-def test_the_training_job_starts_one_torchrun_per_node_meeting_at_the_first(
-    tmp_path: Path,
-) -> None:
-    _stand_in(tmp_path, "scontrol", 'printf "gpu-node-7\\ngpu-node-8\\n"')
+def _training_job(
+    tmp_path: Path, hosts: str, nodes: int, *arguments: str
+) -> subprocess.CompletedProcess[str]:
+    """train.sbatch under stand-in scontrol (printing `hosts`) and srun (echoing)."""
+    _stand_in(tmp_path, "scontrol", hosts)
     _stand_in(tmp_path, "srun", 'echo "$@"')
     environment = os.environ | {
         "PATH": f"{tmp_path}:{os.environ['PATH']}",
         "PYTHON": "python",
-        "SLURM_JOB_NODELIST": "gpu-node-[7-8]",
-        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": f"gpu-node-[1-{nodes}]",
+        "SLURM_NNODES": str(nodes),
         "SLURM_JOB_ID": "4242",
         "GPUS_PER_NODE": "4",
     }
-    ran = subprocess.run(
-        [str(CLUSTER / "train.sbatch"), "/in", "/out", "/scratch", "--system", "convnext3d"],
+    return subprocess.run(
+        [str(CLUSTER / "train.sbatch"), "/in", "/out", "/scratch", *arguments],
         env=environment,
         capture_output=True,
         text=True,
     )
+
+
+def test_the_training_job_starts_one_torchrun_per_node_meeting_at_the_first(
+    tmp_path: Path,
+) -> None:
+    hosts = 'printf "gpu-node-7\\ngpu-node-8\\n"'
+    ran = _training_job(tmp_path, hosts, 2, "--system", "convnext3d")
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.split() == [
         *("--ntasks-per-node=1", "python", "-m", "torch.distributed.run"),
@@ -77,22 +85,7 @@ def test_the_training_job_starts_one_torchrun_per_node_meeting_at_the_first(
 
 def test_the_training_job_reads_a_node_list_longer_than_a_pipe_holds(tmp_path: Path) -> None:
     # Under pipefail, a reader that stops at the first host makes scontrol die of SIGPIPE.
-    _stand_in(tmp_path, "scontrol", 'seq -f "gpu-node-%g" 1 20000')
-    _stand_in(tmp_path, "srun", 'echo "$@"')
-    environment = os.environ | {
-        "PATH": f"{tmp_path}:{os.environ['PATH']}",
-        "PYTHON": "python",
-        "SLURM_JOB_NODELIST": "gpu-node-[1-20000]",
-        "SLURM_NNODES": "20000",
-        "SLURM_JOB_ID": "4243",
-        "GPUS_PER_NODE": "4",
-    }
-    ran = subprocess.run(
-        [str(CLUSTER / "train.sbatch"), "/in", "/out", "/scratch"],
-        env=environment,
-        capture_output=True,
-        text=True,
-    )
+    ran = _training_job(tmp_path, 'seq -f "gpu-node-%g" 1 20000', 20000)
     assert ran.returncode == 0, (ran.returncode, ran.stderr)
     assert "--rdzv_endpoint=gpu-node-1:29500" in ran.stdout.split()
 
