@@ -87,7 +87,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--batch-size",
         type=int,
         default=None,
-        help="slices per encoder batch (default: 32 on a GPU, 16 on a CPU)",
+        help="slices per encoder batch (default: 16 on a CPU; on a GPU the largest up to 32 "
+        "that the memory model says fits the free memory)",
     )
     predict.add_argument(
         "--workers",

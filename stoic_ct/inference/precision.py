@@ -96,7 +96,8 @@ class ModelSettings:
             ("int8", "bfloat16"; see the module's docstring).
         encoder: the frozen encoders under the heads (stoic_ct.weights.model_files.ENCODER_CHOICES);
             None: the model folder's choice (its system.json; the ViTs without one).
-        batch_size: slices per ViT batch (default: 32 on a GPU, 16 on a CPU).
+        batch_size: slices per ViT batch (default: 16 on a CPU; on a GPU the largest up to 32
+            that the memory model says fits, stoic_ct.inference.systems.fit_to_gpu).
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
