@@ -57,8 +57,8 @@ def add_model_arguments(
         choices=PRECISIONS,
         default="exact",
         help="exact: the published numbers (default); fast: float16 on a GPU, on a CPU "
-        "bfloat16 where it has AMX or AVX512-BF16 units, int8 elsewhere (within 0.02 of exact "
-        "on the benchmark); int8, bfloat16: one of the CPU's fast modes, whatever the CPU",
+        "bfloat16 where it has AMX, int8 elsewhere (within 0.02 of exact on the benchmark); "
+        "int8, bfloat16: one of the CPU's fast modes, whatever the CPU",
     )
     if device:
         parser.add_argument(
