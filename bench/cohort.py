@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from bench.__main__ import PHANTOMS, model_dir, phantom_path
-from stoic_ct.inference.precision import ModelSettings
+from stoic_ct.inference.precision import ModelSettings, numerics_of
 from stoic_ct.inference.scan_pipeline import WORKERS, Outcome, ScanJob, predict_scans
 from stoic_ct.inference.systems import load_model_folder
 from stoic_ct.logs import configure_logging
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "precision": args.precision,
+        "numerics": numerics_of(device, args.precision),
         "phantom": f"{args.phantom}: {PHANTOMS[args.phantom]}",
         "scans": len(jobs),
         "workers": workers,

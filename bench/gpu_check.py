@@ -104,7 +104,7 @@ def summary(out: Path) -> str:
     cohort = _read(out / "gpu-cohort.json")
     if cohort:
         lines += [
-            f"Cohort ({cohort['scans']} {cohort['phantom']}, {cohort['precision']}): one at a "
+            f"Cohort ({cohort['scans']} {cohort['phantom']}, {cohort.get('numerics')}): one at a "
             f"time {cohort['one_at_a_time']['scans_per_hour']} scans/hour, with "
             f"{cohort['workers']} workers {cohort['pipelined']['scans_per_hour']} scans/hour "
             f"({cohort['speed_up']}x; same probabilities: {cohort['same_probabilities']}).",

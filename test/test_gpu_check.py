@@ -67,7 +67,8 @@ def test_the_readme_block_is_written_from_the_steps_files(tmp_path: Path) -> Non
     (tmp_path / "gpu-cohort.json").write_text(
         json.dumps(
             {
-                "scans": 8, "phantom": "chest", "precision": "fast", "workers": 8,
+                "scans": 8, "phantom": "chest", "precision": "fast", "numerics": "float16",
+                "workers": 8,
                 "one_at_a_time": {"scans_per_hour": 1400}, "pipelined": {"scans_per_hour": 5100},
                 "speed_up": 3.64, "same_probabilities": True,
             }
@@ -83,7 +84,8 @@ def test_the_readme_block_is_written_from_the_steps_files(tmp_path: Path) -> Non
         "| ConvNeXt-tiny 256^3, batch 4, AMP | 0.41 | 10.9 GiB | 12.0 GiB | 12.54 GB, 15.41 GB |"
         in block
     )
-    assert "one at a time 1400 scans/hour, with 8 workers 5100 scans/hour (3.64x" in block
+    assert "Cohort (8 chest, float16): one at a time 1400 scans/hour" in block
+    assert "with 8 workers 5100 scans/hour (3.64x" in block
     assert "- chest, ours, full memory: 3.00 GiB allocated at the peak, 2.92 GiB modelled" in block
     readme = tmp_path / "README.md"
     readme.write_text("before\n<!-- gpu-check:start -->\nold\n<!-- gpu-check:end -->\nafter\n")
