@@ -9,7 +9,7 @@ layouts, the published heads, the R231 U-Net trained on phantoms), loaded once, 
 The phantom is copied to `--scans` files; one scan runs first to warm up (not timed).
 Then `predict`'s own scan pipeline runs them all with no workers (every stage here, one
 scan after the other) and with `--workers` processes (default: predict's default for the
-device), and the probabilities of both runs are compared (they must be equal).
+device, at least 1), and the probabilities of both runs are compared (they must be equal).
 Printed and written as JSON: seconds and scans per hour of each run, and their ratio.
 """
 
@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fast", choices=("exact", "fast"))
     parser.add_argument("--phantom", default="chest", choices=tuple(PHANTOMS))
     parser.add_argument("--scans", type=int, default=8, help="scans per run (default 8)")
-    parser.add_argument("--workers", type=int, default=None, help="default: predict's")
+    parser.add_argument("--workers", type=int, default=None, help="default: predict's, at least 1")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     configure_logging()
     device = torch.device(args.device)
-    workers = args.workers if args.workers is not None else WORKERS[device.type]
+    workers = args.workers if args.workers is not None else max(1, WORKERS[device.type])
     model, _ = load_model_folder(
         model_dir(), ModelSettings(device, args.precision), system="balaitous"
     )

@@ -96,7 +96,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         help="processes that read and prepare the next scans while the networks run on "
         "this one (default with several scans: on a GPU half the CPU cores, at most 8; on a "
-        "CPU 1; 0: every stage in this process, one scan at a time)",
+        "CPU 0: every stage in this process, one scan at a time)",
     )
     add_shard_argument(predict, "images, in the order of their paths (needs --csv)")
     add_model_arguments(predict, system=True)
