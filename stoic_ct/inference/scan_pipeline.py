@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 # Worker processes by device type when several scans are given: on a GPU, enough that the
 # CPU stages of a chest scan (about 2.5 s on one core) keep pace with its networks; on a
-# CPU none, as the networks take the cores (bench.cohort: 0.99x with one worker on two).
+# CPU none, as the networks take the cores (bench.cohort, one worker on two cores: 0.96x).
 WORKERS = {"cuda": min(8, max(1, (os.cpu_count() or 2) // 2)), "cpu": 0}
 
 
