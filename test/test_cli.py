@@ -336,3 +336,14 @@ def test_predict_shards_from_a_job_array_merge_into_the_whole_run(
     caplog.clear()
     assert main(["merge-predictions", str(whole), "--out", str(merged)]) == 1
     assert "has no whole.csv.shard.json beside it" in caplog.text
+
+
+def test_help_lists_every_command_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    names = ["predict", "merge-predictions", "serve", "fetch-weights", "finetune", "fit-ensemble"]
+    for name in names:
+        listed = [line for line in text.splitlines() if line.split()[:1] == [name]]
+        assert len(listed) == 1, (name, listed)

@@ -21,36 +21,15 @@ from stoic_ct.weights.system_record import invoked_as
 
 logger = logging.getLogger("stoic_ct")
 
-DESCRIPTION = """Commands:
-    predict         run the model on any number of scans and print or write the probabilities
-    merge-predictions  merge the results tables of every shard of a predict run
-    serve           the invoke API: a web server on port 4743, the model loaded once
-    fetch-weights   download the four model files from where they are published, and check them
-    check-model     say which system a model folder holds (system.json), and check its files
-    sample-scans    fetch two public chest CTs (pyradiomics 3.1.0's test data) into a cache
-    random-weights  write randomly initialised model files in the published layouts
-    phantom         write a synthetic chest CT phantom
-    phantom-cohort  write a synthetic cohort in the STOIC training layout
-    extract-features  encoder features of every scan of a STOIC-layout cohort (cached, shardable)
-    merge-features  merge the feature tables of several shards
-    fit-heads       fit the four logistic regressions on a feature table: a new balaitous.npz
-    install-heads   put fitted heads into a model folder (checked, MANIFEST updated)
-    evaluate        nested cross-validated ROC-AUC of the heads, or a score of given predictions
-    inflate-convnext  make convnext3d.pth from 2D ConvNeXt weights (--encoder convnext3d-frozen)
-    finetune        fine-tune the 3D ConvNeXt end to end, k folds: convnext3d_<task>.pth
-    pretrain        pretrain the 3D ConvNeXt: lesion segmentation, or multitask with pseudo-labels
-    fit-ensemble    weights of the ensemble of both systems from out-of-fold predictions
-"""
+DESCRIPTION = "The STOIC2021 COVID-19 CT models: predict, retrain, fetch and check model files."
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stoic_ct",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog="python -m stoic_ct", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        title="commands", dest="command", required=True, metavar="COMMAND"
+    )
     for group in (predict, serve, files, phantoms, heads, convnext, ensemble):
         group.register(commands)
     return parser
