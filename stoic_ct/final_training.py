@@ -40,6 +40,7 @@ from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
 from stoic_ct.distributed import ONE_PROCESS, Ranks, gather, in_chunks
 from stoic_ct.ensemble.fitting import fit_ensemble
 from stoic_ct.errors import StoicError
+from stoic_ct.head_training.defaults import OUTER_FOLDS, REPEATS
 from stoic_ct.head_training.evaluation import (
     cross_validate,
     nested_auc,
@@ -58,7 +59,7 @@ from stoic_ct.head_training.training import (
 from stoic_ct.inference.pipeline import Balaitous, EncodedScan
 from stoic_ct.inference.precision import ModelSettings, numerics_of
 from stoic_ct.inference.systems import fit_to_gpu
-from stoic_ct.io.cohort import UNKNOWN, Patient, read_cohort
+from stoic_ct.io.cohort import REFERENCE, UNKNOWN, Patient, read_cohort
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.io.volume import Volume
 from stoic_ct.preprocessing.cubes import task_patients
@@ -104,8 +105,8 @@ class TrainingRun:
     orientation: Orientation = "canonical"
     lung_masks: Path | None = None
     heads: FitSettings = field(default_factory=FitSettings)
-    folds: int = 8
-    repeats: int = 4
+    folds: int = OUTER_FOLDS
+    repeats: int = REPEATS
     evaluate: bool = False
     convnext: dict[str, Any] = field(default_factory=dict)
 
@@ -318,7 +319,7 @@ def assemble_convnext(
 
 def train_ensemble(run: TrainingRun, oof: dict[str, list[Path]]) -> dict[str, float]:
     """The ensemble's weights from both systems' out-of-fold predictions; its nested AUC."""
-    reference = run.input_dir / "metadata" / "reference.csv"
+    reference = run.input_dir / REFERENCE
     report_dir = run.output_dir / "ensemble-report"
     document = fit_ensemble(
         reference, oof["balaitous"], oof["convnext3d"], report_dir, seed=run.heads.seed

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from stoic_ct.io.cohort import REFERENCE
 from stoic_ct.io.volume import Vector3, Volume
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -210,8 +211,8 @@ def write_phantom_cohort(
     labels = [(c, s, g) for _, c, s, g in rows]
     if shuffle_labels:
         labels = [labels[i] for i in rng.permutation(len(labels))]
-    (data_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    (data_dir / REFERENCE).parent.mkdir(parents=True, exist_ok=True)
     lines = ["PatientID,probCOVID,probSevere,severity"]
     lines += [f"{row[0]},{c},{s},{g}" for row, (c, s, g) in zip(rows, labels, strict=True)]
-    (data_dir / "metadata" / "reference.csv").write_text("\n".join(lines) + "\n")
+    (data_dir / REFERENCE).write_text("\n".join(lines) + "\n")
     return data_dir

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from stoic_ct.ensemble.defaults import FOLDS, REPEATS
 from stoic_ct.errors import StoicError
 
 logger = logging.getLogger("stoic_ct")
@@ -53,8 +54,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="also put ensemble.json into this model folder, which must hold both systems' "
         "files, and record there that it holds the ensemble (system.json, MANIFEST)",
     )
-    fit.add_argument("--folds", type=int, default=5, help="outer folds (default 5)")
-    fit.add_argument("--repeats", type=int, default=10, help="repetitions (default 10)")
+    fit.add_argument("--folds", type=int, default=FOLDS, help=f"outer folds (default {FOLDS})")
+    fit.add_argument(
+        "--repeats", type=int, default=REPEATS, help=f"repetitions (default {REPEATS})"
+    )
     fit.add_argument("--seed", type=int, default=0, help="of the splits and the bootstrap")
     fit.set_defaults(handler=run_fit_ensemble)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stoic_ct.errors import StoicError
+from stoic_ct.head_training.defaults import OUTER_FOLDS, REPEATS
 from stoic_ct.options import add_model_arguments, add_shard_argument, model_settings, resolve_shard
 from stoic_ct.runtime import log_runtime
 from stoic_ct.weights.model_files import (
@@ -109,8 +110,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     evaluate.add_argument("features", type=Path, nargs="?", metavar="FEATURES")
     evaluate.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
-    evaluate.add_argument("--folds", type=int, default=8, help="outer folds (default 8)")
-    evaluate.add_argument("--repeats", type=int, default=4, help="repetitions (default 4)")
+    evaluate.add_argument(
+        "--folds", type=int, default=OUTER_FOLDS, help=f"outer folds (default {OUTER_FOLDS})"
+    )
+    evaluate.add_argument(
+        "--repeats", type=int, default=REPEATS, help=f"repetitions (default {REPEATS})"
+    )
     evaluate.add_argument(
         "--predictions",
         type=Path,

@@ -35,6 +35,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from stoic_ct.atomic import atomic_write_text
+from stoic_ct.ensemble.defaults import FOLDS, REPEATS
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.head_training.evaluation import TaskResult, report
 from stoic_ct.inference.systems import MEMBERS, read_ensemble_weights
@@ -155,8 +156,8 @@ def fit_task(
     balaitous: np.ndarray,
     convnext: np.ndarray,
     *,
-    folds: int = 5,
-    repeats: int = 10,
+    folds: int = FOLDS,
+    repeats: int = REPEATS,
     seed: int = 0,
 ) -> TaskEnsemble:
     """Nested cross-validation of the weight choice on (N,) labels and probabilities."""
@@ -236,8 +237,8 @@ def fit_ensemble(
     convnext: Sequence[Path],
     out_dir: Path,
     *,
-    folds: int = 5,
-    repeats: int = 10,
+    folds: int = FOLDS,
+    repeats: int = REPEATS,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Fit both tasks' weights; write OUT/ensemble.json and OUT/report.{json,md}, roc.png.

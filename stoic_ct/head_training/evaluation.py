@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from stoic_ct.atomic import atomic_write_text
 from stoic_ct.errors import InputError
+from stoic_ct.head_training.defaults import OUTER_FOLDS, REPEATS
 from stoic_ct.head_training.features import FeatureTable, labelled
 from stoic_ct.head_training.training import FitSettings, fit_task, fold_count
 from stoic_ct.io.cohort import STOIC_TASKS, read_reference, task_rows
@@ -131,8 +132,8 @@ class TaskResult:
 def cross_validate(
     table: FeatureTable,
     settings: FitSettings,
-    folds: int = 8,
-    repeats: int = 4,
+    folds: int = OUTER_FOLDS,
+    repeats: int = REPEATS,
     progress: bool = True,
 ) -> dict[str, TaskResult]:
     """Nested cross-validation: out-of-fold predictions of the whole fitting procedure.

@@ -29,6 +29,7 @@ REFERENCE_COLUMNS = ("PatientID", "probCOVID", "probSevere")
 GRADE_COLUMN = "severity"
 GRADES = ("mild", "moderate", "severe", "critical")
 UNKNOWN = -1  # a label the reference does not give
+REFERENCE = Path("metadata", "reference.csv")  # the labels, within a cohort's folder
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def read_cohort(data_dir: Path) -> list[Patient]:
         InputError: when the folder does not have the STOIC layout.
     """
     scans = data_dir / "data" / "mha"
-    reference = data_dir / "metadata" / "reference.csv"
+    reference = data_dir / REFERENCE
     if not scans.is_dir():
         raise InputError(
             "has no data/mha/ folder; expected the STOIC layout DATA_DIR/data/mha/<PatientID>.mha "

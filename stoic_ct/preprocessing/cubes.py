@@ -22,7 +22,7 @@ from tqdm import tqdm
 from stoic_ct.atomic import atomic_write, atomic_write_text
 from stoic_ct.convnext_training.augmentation import Compose
 from stoic_ct.errors import InputError, StoicError
-from stoic_ct.io.cohort import STOIC_TASKS, Patient, read_cohort, read_grades, task_rows
+from stoic_ct.io.cohort import REFERENCE, STOIC_TASKS, Patient, read_cohort, read_grades, task_rows
 from stoic_ct.io.demographics import Demographics, header_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.preprocessing.convnext_preprocessing import (
@@ -106,7 +106,7 @@ def task_patients(data_dir: Path, task: str) -> tuple[list[Patient], np.ndarray]
     if task not in FINETUNE_TASKS:
         raise ValueError(f"task must be one of {', '.join(FINETUNE_TASKS)}, not {task!r}")
     patients = read_cohort(data_dir)
-    reference = data_dir / "metadata" / "reference.csv"
+    reference = data_dir / REFERENCE
     if not reference.exists():
         raise InputError("is missing: fine-tuning needs labels", reference)
     if task == "severity4":

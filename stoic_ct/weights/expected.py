@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stoic_ct.errors import StoicError
+from stoic_ct.io.contract import COVID_OUTPUT, SEVERE_OUTPUT
 from stoic_ct.weights.model_files import (
     ALL_FILES,
     REPOSITORY_MODEL_DIR,
@@ -32,7 +33,7 @@ from stoic_ct.weights.model_files import (
     sha256_of,
 )
 
-OUTPUT_NAMES = ("probability-covid-19.json", "probability-severe-covid-19.json")
+OUTPUT_NAMES = (COVID_OUTPUT, SEVERE_OUTPUT)
 EXPECTED_FILE = REPOSITORY_ROOT / "test" / "expected_output.json"
 TOLERANCE = 1e-4
 
