@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from stoic_ct.convnext_training.cube_cache import cached_cubes, task_patients
 from stoic_ct.convnext_training.finetuning import finetune
 from stoic_ct.convnext_training.recipes import FinetuneSettings
 from stoic_ct.convnext_training.training_memory import finetune_step_peak
 from stoic_ct.logs import configure_logging
 from stoic_ct.phantom import write_phantom_cohort
-from stoic_ct.preprocessing.cubes import cached_cubes, task_patients
 
 
 def one_epoch(

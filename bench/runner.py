@@ -93,9 +93,9 @@ class Ours:
     """This pipeline, as process.py runs it."""
 
     def __init__(self, model_dir: Path, device: str, precision: str) -> None:
+        from stoic_ct.inference.lung_masks import R231Segmenter
         from stoic_ct.inference.precision import ModelSettings
         from stoic_ct.inference.systems import load_model_folder
-        from stoic_ct.preprocessing.lung_segmentation import R231Segmenter
         from stoic_ct.weights.model_files import ModelFiles
 
         self.unet_digests: list[str] = []

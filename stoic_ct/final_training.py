@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from stoic_ct.atomic import atomic_write_text
+from stoic_ct.convnext_training.cube_cache import task_patients
 from stoic_ct.convnext_training.finetuning import FoldPlan, assemble, plan_folds, train_plans
 from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
 from stoic_ct.distributed import ONE_PROCESS, Ranks, gather, in_chunks
@@ -62,7 +63,6 @@ from stoic_ct.inference.systems import fit_to_gpu
 from stoic_ct.io.cohort import REFERENCE, UNKNOWN, Patient, read_cohort
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.io.volume import Volume
-from stoic_ct.preprocessing.cubes import task_patients
 from stoic_ct.weights.model_files import (
     CONVNEXT3D,
     ENSEMBLE_WEIGHTS,

@@ -20,9 +20,8 @@ from evalutils.evalutils import Algorithm
 from stoic_ct.errors import StoicError
 from stoic_ct.inference.prediction import System
 from stoic_ct.io.contract import (
-    COVID_OUTPUT,
-    SEVERE_OUTPUT,
     JobInputs,
+    Probabilities,
     demographics_for,
     find_input_image,
     prepare_output_dir,
@@ -31,7 +30,7 @@ from stoic_ct.io.contract import (
 )
 from stoic_ct.io.imageio import Scan, read_scan, scan_from_image
 from stoic_ct.io.orientation import Orientation
-from stoic_ct.models.heads import Probabilities
+from stoic_ct.io.output_names import COVID_OUTPUT, SEVERE_OUTPUT
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from stoic_ct.head_training.features import FeatureTable, encoder_key, extract
 from stoic_ct.inference.pipeline import Balaitous
 from stoic_ct.io.cohort import read_cohort
 from stoic_ct.io.imageio import read_scan
-from stoic_ct.io.sample_scans import sample_scans
 from stoic_ct.io.volume import Volume
 from stoic_ct.phantom import write_phantom_cohort
 from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
 from stoic_ct.weights.fetch import UnreachableError, configured_index
 from stoic_ct.weights.random_weights import write_random_model_dir
+from stoic_ct.weights.sample_scans import sample_scans
 from timings import MEASURED, Timings
 
 torch.set_num_threads(2)

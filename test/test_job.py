@@ -13,8 +13,9 @@ import SimpleITK as sitk
 from helpers import SMALL_PHANTOM, THIN_PHANTOM, write_case
 from stoic_ct.errors import InputError
 from stoic_ct.inference.pipeline import Balaitous
-from stoic_ct.io.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for, read_job_inputs
+from stoic_ct.io.contract import demographics_for, read_job_inputs
 from stoic_ct.io.imageio import read_scan
+from stoic_ct.io.output_names import COVID_OUTPUT, SEVERE_OUTPUT
 from stoic_ct.job import StoicAlgorithm, run_job
 
 

@@ -24,8 +24,9 @@ from helpers import (
     write_image,
 )
 from stoic_ct.inference.pipeline import Balaitous
-from stoic_ct.io.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for, read_job_inputs
+from stoic_ct.io.contract import demographics_for, read_job_inputs
 from stoic_ct.io.imageio import read_scan
+from stoic_ct.io.output_names import COVID_OUTPUT, SEVERE_OUTPUT
 
 REPOSITORY = Path(process.__file__).resolve().parent
 

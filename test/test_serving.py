@@ -23,11 +23,11 @@ from helpers import SMALL_PHANTOM, THIN_PHANTOM, write_case
 from stoic_ct.errors import ModelFileError
 from stoic_ct.inference.pipeline import Balaitous
 from stoic_ct.inference.prediction import Prediction
-from stoic_ct.io.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for, read_job_inputs
+from stoic_ct.io.contract import Probabilities, demographics_for, read_job_inputs
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.imageio import read_scan
+from stoic_ct.io.output_names import COVID_OUTPUT, SEVERE_OUTPUT
 from stoic_ct.io.volume import Volume
-from stoic_ct.models.heads import Probabilities
 from stoic_ct.serving import InvokeService, JobFolders
 
 REPOSITORY = Path(__file__).resolve().parent.parent

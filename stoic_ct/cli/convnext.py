@@ -67,10 +67,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="no checkpoint: a randomly initialised 3D ConvNeXt (for tests and setup checks)",
     )
     inflate.set_defaults(handler=run_inflate_convnext)
+    from stoic_ct.convnext_training.cube_cache import FINETUNE_TASKS
     from stoic_ct.convnext_training.pretraining import MODES, PretrainSettings
     from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
     from stoic_ct.inference.classifier import HEADS
-    from stoic_ct.preprocessing.cubes import FINETUNE_TASKS
 
     finetune = commands.add_parser(
         "finetune",
@@ -240,9 +240,9 @@ def run_inflate_convnext(args: argparse.Namespace) -> int:
     """The `inflate-convnext` command."""
     import torch
 
-    from stoic_ct.models.convnext3d import ConvNeXt3D, save_convnext3d
+    from stoic_ct.models.convnext3d import ConvNeXt3D
     from stoic_ct.models.inflation import inflate_convnext as inflate
-    from stoic_ct.models.inflation import load_2d_checkpoint
+    from stoic_ct.weights.network_files import load_2d_checkpoint, save_convnext3d
 
     if (args.checkpoint is None) == (args.random is None):
         raise StoicError("give a 2D CHECKPOINT, or --random SEED, not both")
@@ -290,9 +290,9 @@ def log_settings(settings: Any, preset: dict[str, Any], given: dict[str, Any], n
 def run_finetune(args: argparse.Namespace) -> int:
     """The `finetune` command."""
     log_runtime()
+    from stoic_ct.convnext_training.cube_cache import task_patients
     from stoic_ct.convnext_training.finetuning import finetune_on_ranks as run
     from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
-    from stoic_ct.preprocessing.cubes import task_patients
 
     given = given_settings(args, [f.name for f in fields(FinetuneSettings)])
     if "init" in given and not Path(given["init"]).exists():
@@ -338,10 +338,10 @@ def run_finetune(args: argparse.Namespace) -> int:
 def run_pretrain(args: argparse.Namespace) -> int:
     """The `pretrain` command."""
     log_runtime()
+    from stoic_ct.convnext_training.cube_cache import LESION_DIR, task_patients
     from stoic_ct.convnext_training.pretraining import PretrainSettings
     from stoic_ct.convnext_training.pretraining import pretrain_on_ranks as run
     from stoic_ct.io.cohort import read_cohort
-    from stoic_ct.preprocessing.cubes import LESION_DIR, task_patients
 
     given = given_settings(args, [f.name for f in fields(PretrainSettings)])
     for path in (given.get("init"), given.get("pseudo_labels_from")):

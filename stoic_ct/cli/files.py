@@ -134,7 +134,7 @@ def run_check_model(args: argparse.Namespace) -> int:
 
 def run_sample_scans(args: argparse.Namespace) -> int:
     """The `sample-scans` command: one path per line on stdout."""
-    from stoic_ct.io.sample_scans import sample_scans as fetch_sample_scans
+    from stoic_ct.weights.sample_scans import sample_scans as fetch_sample_scans
 
     for path in fetch_sample_scans(args.dest, args.index_url or configured_index()).values():
         print(path)

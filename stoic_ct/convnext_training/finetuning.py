@@ -35,6 +35,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from stoic_ct.atomic import atomic_write_text
 from stoic_ct.claims import Board
+from stoic_ct.convnext_training.cube_cache import Cube
 from stoic_ct.convnext_training.folds import metric_name, task_metric, train_fold
 from stoic_ct.convnext_training.recipes import FinetuneSettings, class_names
 from stoic_ct.convnext_training.sharing import CLAIMS, settings_key, shared_cubes
@@ -44,7 +45,6 @@ from stoic_ct.errors import InputError
 from stoic_ct.inference.classifier import save_fold_ensemble
 from stoic_ct.io.cohort import Patient
 from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
-from stoic_ct.preprocessing.cubes import Cube
 
 logger = logging.getLogger(__name__)
 

@@ -24,13 +24,14 @@ from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
 from stoic_ct.convnext_training.augmentation import augmentation
+from stoic_ct.convnext_training.cube_cache import Cube, load_batch, metadata_batch
 from stoic_ct.convnext_training.recipes import FinetuneSettings, class_names
 from stoic_ct.convnext_training.trainer import Evaluation, Trainer, fit, seed_of
 from stoic_ct.distributed import Team, interleave
 from stoic_ct.errors import InputError
 from stoic_ct.inference.classifier import head_outputs, head_probabilities
-from stoic_ct.models.convnext3d import ConvNeXt3D, load_encoder_of_size
-from stoic_ct.preprocessing.cubes import Cube, load_batch, metadata_batch
+from stoic_ct.models.convnext3d import ConvNeXt3D
+from stoic_ct.weights.network_files import load_encoder_of_size
 
 logger = logging.getLogger(__name__)
 

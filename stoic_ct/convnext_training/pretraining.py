@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stoic_ct.convnext_training.augmentation import Compose, augmentation
+from stoic_ct.convnext_training.cube_cache import Cube, load_batch, save_array
 from stoic_ct.convnext_training.sharing import shared_cubes
 from stoic_ct.convnext_training.trainer import (
     BEST,
@@ -54,17 +55,10 @@ from stoic_ct.distributed import (
 )
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.io.cohort import Patient
-from stoic_ct.models.convnext3d import (
-    ConvNeXt3D,
-    ConvNeXt3DSegmenter,
-    UperNetHead3D,
-    convnext3d_of,
-    load_encoder_of_size,
-    save_convnext3d,
-)
-from stoic_ct.preprocessing.cubes import Cube, load_batch, save_array
+from stoic_ct.models.convnext3d import ConvNeXt3D, ConvNeXt3DSegmenter, UperNetHead3D
 from stoic_ct.weights.checkpoints import load_checkpoint
 from stoic_ct.weights.model_files import CONVNEXT3D, problem, sha256_of
+from stoic_ct.weights.network_files import convnext3d_of, load_encoder_of_size, save_convnext3d
 
 MODES = ("segmentation", "multitask")
 PRETRAINED = "pretrained.pth"

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from stoic_ct.convnext_training.cube_cache import FINETUNE_TASKS
 from stoic_ct.convnext_training.trainer import NetworkSettings
 from stoic_ct.inference.classifier import HEADS, METADATA
 from stoic_ct.io.cohort import GRADES
-from stoic_ct.preprocessing.cubes import FINETUNE_TASKS
 
 
 def class_names(task: str) -> tuple[str, ...]:

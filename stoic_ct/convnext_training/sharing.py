@@ -15,10 +15,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from stoic_ct.convnext_training.cube_cache import Cube, cached_cubes
 from stoic_ct.distributed import Ranks, in_chunks
 from stoic_ct.io.cohort import Patient
 from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
-from stoic_ct.preprocessing.cubes import Cube, cached_cubes
 
 CLAIMS = "claims"
 

@@ -45,6 +45,7 @@ from stoic_ct.weights.model_files import (
     system_files,
     write_manifest,
 )
+from stoic_ct.weights.network_files import load_heads, save_heads
 from stoic_ct.weights.system_record import (
     SystemRecord,
     origin,
@@ -349,7 +350,7 @@ def write_heads(
                 f"gives features of length {dim}, but the heads take {heads.feature_dim}",
                 encoder_files[0],
             )
-    heads_path = heads.save(out_dir / kind.heads.name)
+    heads_path = save_heads(heads, out_dir / kind.heads.name)
     text = json.dumps(document, indent=1) + "\n"
     atomic_write_text(out_dir / kind.report, text)
     manifest = read_manifest(out_dir)
@@ -409,7 +410,7 @@ def install_heads(source: Path, model_dir: Path) -> Path:
     # the source, its ConvNeXt heads are the ones that were added to it.
     present = [k for k in ENCODER_CHOICES.values() if (source / k.heads.name).exists()]
     kind = present[-1] if present else ENCODER_CHOICES["vit"]
-    heads = LogisticHeads.load(source / kind.heads.name)
+    heads = load_heads(source / kind.heads.name)
     report = source / kind.report
     document = json.loads(report.read_text(encoding="utf-8")) if report.exists() else {}
     dim = document.get("data", {}).get("feature_dim")

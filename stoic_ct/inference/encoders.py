@@ -25,8 +25,8 @@ from stoic_ct.inference.precision import (
     numerics,
     uses_int8,
 )
-from stoic_ct.models.convnext3d import ConvNeXt3D, load_convnext3d
-from stoic_ct.models.vit import VisionTransformer, load_vit
+from stoic_ct.models.convnext3d import ConvNeXt3D
+from stoic_ct.models.vit import VisionTransformer
 from stoic_ct.preprocessing.convnext_preprocessing import to_cube
 from stoic_ct.preprocessing.cropping import HU_WINDOW
 from stoic_ct.weights.checkpoints import release_file_pages
@@ -38,6 +38,7 @@ from stoic_ct.weights.model_files import (
     ModelFiles,
     ModelFileSpec,
 )
+from stoic_ct.weights.network_files import load_convnext3d, load_vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

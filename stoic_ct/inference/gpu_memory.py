@@ -34,6 +34,7 @@ from stoic_ct.inference.encoders import (
     flip_summed_features,
     volume_feature,
 )
+from stoic_ct.inference.lung_masks import R231_BATCH, R231Segmenter, classify_slices
 from stoic_ct.inference.pipeline import Balaitous
 from stoic_ct.inference.precision import check_precision
 from stoic_ct.models.convnext3d import ConvNeXt3D
@@ -41,12 +42,7 @@ from stoic_ct.models.r231 import r231_network
 from stoic_ct.models.vit import VIT_LARGE, VisionTransformer, ViTConfig
 from stoic_ct.preprocessing.convnext_preprocessing import to_cube
 from stoic_ct.preprocessing.cropping import SLICE_SIZE
-from stoic_ct.preprocessing.lung_segmentation import (
-    R231_BATCH,
-    R231_INPUT,
-    R231Segmenter,
-    classify_slices,
-)
+from stoic_ct.preprocessing.lung_segmentation import R231_INPUT
 from stoic_ct.preprocessing.resampling import resampled_size
 
 CHEST_SCAN = (512, 512, 300)  # x, y, z voxels

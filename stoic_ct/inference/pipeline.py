@@ -16,12 +16,12 @@ import numpy as np
 
 from stoic_ct.errors import ModelFileError, StoicError
 from stoic_ct.inference.encoders import VIT_BLOCKS, Encoder, load_encoders
+from stoic_ct.inference.lung_masks import R231Segmenter
 from stoic_ct.inference.precision import EXACT_ON_CPU, ModelSettings
 from stoic_ct.inference.prediction import Prediction
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.volume import Volume
 from stoic_ct.models.heads import LogisticHeads
-from stoic_ct.models.vit import load_vit
 from stoic_ct.preprocessing.cropping import (
     InPlaneCrop,
     clean_lung_mask,
@@ -30,11 +30,7 @@ from stoic_ct.preprocessing.cropping import (
     mask_outside_lungs,
     to_slice_layout,
 )
-from stoic_ct.preprocessing.lung_segmentation import (
-    LungSegmenter,
-    R231Segmenter,
-    labels_from_mask_image,
-)
+from stoic_ct.preprocessing.lung_segmentation import LungSegmenter, labels_from_mask_image
 from stoic_ct.preprocessing.resampling import resample
 from stoic_ct.weights.checkpoints import check_r231_weights
 from stoic_ct.weights.model_files import (
@@ -45,6 +41,7 @@ from stoic_ct.weights.model_files import (
     encoder_kind,
     problem,
 )
+from stoic_ct.weights.network_files import load_heads, load_vit
 from stoic_ct.weights.system_record import choose
 
 logger = logging.getLogger(__name__)
@@ -131,7 +128,7 @@ def check_model_file(spec: ModelFileSpec, path: Path) -> None:
     elif spec == R231:
         check_r231_weights(path)
     elif spec == HEADS:
-        LogisticHeads.load(path)
+        load_heads(path)
     else:
         raise ValueError(f"no check for {spec.name}")
 
@@ -203,7 +200,7 @@ class Balaitous:
                 "and mean nothing; see model/README.md for the real files",
                 model_dir,
             )
-        heads = LogisticHeads.load(files.path(kind.heads)) if with_heads else None
+        heads = load_heads(files.path(kind.heads)) if with_heads else None
         encoders = load_encoders(kind, files, settings)
         for name, encoder in (("full", encoders.full), ("lung", encoders.lung)):
             if heads is not None and encoder.dim != heads.feature_dim:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from stoic_ct.io.contract import Probabilities
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.volume import Volume
-from stoic_ct.models.heads import Probabilities
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import numpy as np
 
 from stoic_ct.errors import StoicError
 from stoic_ct.inference.batch import collected_warnings
+from stoic_ct.inference.lung_masks import R231Segmenter
 from stoic_ct.inference.pipeline import Balaitous, SliceStack, Stopwatch, prepare_slices
 from stoic_ct.inference.prediction import Prediction, System
 from stoic_ct.inference.systems import ConvNeXtSystem, EnsembleSystem
@@ -40,7 +41,6 @@ from stoic_ct.io.imageio import read_scan
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.io.volume import Volume
 from stoic_ct.preprocessing.lung_segmentation import (
-    R231Segmenter,
     UNetInput,
     labels_from_mask_image,
     lungmask_input,

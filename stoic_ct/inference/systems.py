@@ -30,9 +30,9 @@ from stoic_ct.inference.gpu_memory import (
 from stoic_ct.inference.pipeline import Balaitous, BalaitousPrediction, LungMasks
 from stoic_ct.inference.precision import EXACT_ON_CPU, ModelSettings
 from stoic_ct.inference.prediction import Prediction, System
+from stoic_ct.io.contract import Probabilities
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.volume import Volume
-from stoic_ct.models.heads import Probabilities
 from stoic_ct.weights.model_files import (
     CONVNEXT_COVID,
     CONVNEXT_SEVERE,

@@ -23,7 +23,7 @@ from stoic_ct.atomic import READABLE
 from stoic_ct.errors import InputError
 from stoic_ct.io.demographics import Demographics, resolve_demographics
 from stoic_ct.io.imageio import Scan
-from stoic_ct.models.heads import Probabilities
+from stoic_ct.io.output_names import COVID_OUTPUT, SEVERE_OUTPUT
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,14 @@ INPUTS_JSON = "inputs.json"
 # The sockets STOIC2021 defined for age and sex; their JSON files are <slug>.json.
 AGE_SOCKET = "patient-age"
 SEX_SOCKET = "patient-sex"
-COVID_OUTPUT = "probability-covid-19.json"
-SEVERE_OUTPUT = "probability-severe-covid-19.json"
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """P(COVID-19) and P(severe COVID-19) for one scan."""
+
+    covid: float
+    severe: float
 
 
 def find_input_image(image_dir: Path) -> Path:

@@ -15,21 +15,16 @@ after a bias-free convolution is blind to the scale of a positive, uniform patch
 The model splits into `stages` (four feature maps, for a segmentation head), `pool`
 (global average and LayerNorm: the frozen-encoder feature) and `head` (a Linear layer,
 absent when `num_classes` is 0): the frozen encoder is the same class without its head.
+Its files are read and written by stoic_ct.weights.network_files.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from stoic_ct.atomic import atomic_write
-from stoic_ct.errors import InputError, ModelFileError
-from stoic_ct.weights.checkpoints import load_checkpoint
-from stoic_ct.weights.model_files import CONVNEXT3D, problem
 
 INPUT_MEAN, INPUT_STD = 0.449, 0.226  # means of ImageNet's (0.485, 0.456, 0.406), (0.229, ...)
 
@@ -276,70 +271,3 @@ class ConvNeXt3DSegmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self.backbone.forward_stages(x), tuple(x.shape[2:]))
         return logits
-
-
-def save_convnext3d(
-    path: Path,
-    model: ConvNeXt3D,
-    size: str,
-    input_size: int,
-    about: dict[str, str] | None = None,
-    segmentation_head: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write the encoder's file: its size, input size, how it was made, and its weights.
-
-    A segmentation-pretrained encoder keeps its head's weights too (`segmentation_head`),
-    so that it can make pseudo-labels; loaders of the encoder ignore them.
-    """
-    checkpoint: dict[str, object] = {
-        "size": size,
-        "input_size": input_size,
-        **(about or {}),
-        **({"segmentation_head": segmentation_head} if segmentation_head is not None else {}),
-        "state_dict": {k: v for k, v in model.state_dict().items() if not k.startswith("head.")},
-    }
-    return atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def load_convnext3d(path: Path) -> tuple[ConvNeXt3D, int]:
-    """The frozen encoder (no head) and its input size, from a file of `save_convnext3d`.
-
-    Raises:
-        ModelFileError: when the file is not such a checkpoint or its weights do not fit.
-    """
-    return convnext3d_of(load_checkpoint(path, CONVNEXT3D), path)
-
-
-def convnext3d_of(checkpoint: object, path: Path) -> tuple[ConvNeXt3D, int]:
-    """`load_convnext3d` on a checkpoint already loaded from `path` (named in errors)."""
-    if not isinstance(checkpoint, dict) or not {"size", "input_size", "state_dict"} <= set(
-        checkpoint
-    ):
-        raise ModelFileError(problem(CONVNEXT3D, "lacks size, input_size or state_dict"), path)
-    size, input_size = checkpoint["size"], checkpoint["input_size"]
-    if size not in SIZES or not isinstance(input_size, int) or input_size < 32:
-        raise ModelFileError(
-            problem(CONVNEXT3D, f"has size {size!r} and input_size {input_size!r}"), path
-        )
-    with torch.device("meta"):
-        model = ConvNeXt3D(size)
-    try:
-        model.load_state_dict(checkpoint["state_dict"], strict=True, assign=True)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[:3]
-        raise ModelFileError(problem(CONVNEXT3D, " ".join(first)[:300]), path) from None
-    return model.eval().requires_grad_(False), input_size
-
-
-def load_encoder_of_size(path: Path, size: str) -> ConvNeXt3D:
-    """The encoder of `path` (as `load_convnext3d`), which must be a ConvNeXt-`size`.
-
-    Raises:
-        ModelFileError: when the file cannot be loaded; InputError when its size differs.
-    """
-    encoder, _ = load_convnext3d(path)
-    if encoder.size_name != size:
-        raise InputError(
-            f"holds a ConvNeXt-{encoder.size_name}, not the --size {size} asked for", path
-        )
-    return encoder

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from stoic_ct.errors import ModelFileError
 from stoic_ct.models.convnext3d import ConvNeXt3D
-from stoic_ct.weights.checkpoints import load_checkpoint
 
 INFLATIONS = ("full", "1g", "2g")
 NORMALISATIONS = ("sum", "l2")
@@ -156,20 +154,3 @@ def inflate_convnext(
             problems.append(f"shapes that do not fit: {'; '.join(mismatched[:10])}")
         raise ModelFileError("the 2D ConvNeXt does not fit the 3D model: " + " | ".join(problems))
     return out
-
-
-def load_2d_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """A 2D ConvNeXt state dict from an official (`model` key), timm or plain checkpoint.
-
-    Raises:
-        ModelFileError: when the file cannot be read as a PyTorch checkpoint of tensors.
-    """
-    checkpoint = load_checkpoint(path)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
-            checkpoint = checkpoint[wrapper]
-    if not isinstance(checkpoint, dict) or not all(
-        isinstance(v, torch.Tensor) for v in checkpoint.values()
-    ):
-        raise ModelFileError("is not a state dict of tensors", path)
-    return checkpoint

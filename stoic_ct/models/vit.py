@@ -1,24 +1,18 @@
 """The iBOT Vision Transformer, named so that the published checkpoints load as they are.
 
-The module reads top-down: blocks, the model, then the checkpoint loader. Only the blocks
-that are used exist: a model built with `depth=16` from a 24-block checkpoint never reads
-the last eight blocks from disk (the file is memory-mapped and the tensors assigned).
+The module reads top-down: blocks, then the model; the checkpoint loader is
+stoic_ct.weights.network_files.load_vit. Only the blocks that are used exist: a model built
+with `depth=16` from a 24-block checkpoint never reads the last eight blocks from disk (the
+file is memory-mapped and the tensors assigned).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from stoic_ct.errors import ModelFileError
-from stoic_ct.weights.checkpoints import check_shapes, load_state_dict
-from stoic_ct.weights.model_files import ModelFileSpec, problem
 
 LAYER_NORM_EPS = 1e-6
 HEAD_DIM = 64  # iBOT and timm ViTs: ViT-S 384/6, ViT-B 768/12, ViT-L 1024/16
@@ -156,58 +150,3 @@ class VisionTransformer(nn.Module):
         last = self.blocks[-1]
         assert isinstance(last, Block)
         return last.forward_cls(tokens)
-
-
-def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], depth: int) -> ViTConfig:
-    """The architecture a checkpoint holds, built to `depth` blocks (heads of 64 channels).
-
-    Raises:
-        KeyError: when a tensor that fixes the architecture is missing.
-    """
-    patch = state_dict["patch_embed.proj.weight"]
-    dim, in_chans, patch_size, _ = patch.shape
-    num_patches = state_dict["pos_embed"].shape[1] - 1
-    return ViTConfig(
-        embed_dim=dim,
-        depth=depth,
-        num_heads=max(1, dim // HEAD_DIM),
-        mlp_hidden=state_dict["blocks.0.mlp.fc1.weight"].shape[0],
-        patch_size=patch_size,
-        img_size=round(num_patches**0.5) * patch_size,
-        in_chans=in_chans,
-    )
-
-
-def stored_depth(state_dict: Mapping[str, torch.Tensor]) -> int:
-    """Number of blocks a checkpoint stores."""
-    indices = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    return max(indices) + 1 if indices else 0
-
-
-def load_vit(path: Path, spec: ModelFileSpec, depth: int) -> VisionTransformer:
-    """A ViT with the first `depth` blocks of the checkpoint at `path`, on the CPU, in eval mode.
-
-    The checkpoint may be a plain state dict or wrap it under "state_dict"; its final norm,
-    head and `masked_embed` are ignored, and so are blocks from `depth` on, which are never
-    read from disk. Weights are float32.
-
-    Raises:
-        ModelFileError: when the file is not such a checkpoint or has fewer than `depth` blocks.
-    """
-    state_dict = load_state_dict(path, spec, key="state_dict")
-    try:
-        config = config_from_state_dict(state_dict, depth)
-    except KeyError as error:
-        raise ModelFileError(problem(spec, f"is not a ViT checkpoint (no {error})"), path) from None
-    available = stored_depth(state_dict)
-    if available < depth:
-        raise ModelFileError(
-            problem(spec, f"has {available} transformer blocks, {depth} are needed"), path
-        )
-    with torch.device("meta"):
-        model = VisionTransformer(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_shapes(state_dict, expected, path, spec)
-    used = {k: state_dict[k].float() for k in expected}
-    model.load_state_dict(used, strict=True, assign=True)
-    return model.eval().requires_grad_(False)

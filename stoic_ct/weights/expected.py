@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stoic_ct.errors import StoicError
-from stoic_ct.io.contract import COVID_OUTPUT, SEVERE_OUTPUT
+from stoic_ct.io.output_names import COVID_OUTPUT, SEVERE_OUTPUT
 from stoic_ct.weights.model_files import (
     ALL_FILES,
     REPOSITORY_MODEL_DIR,

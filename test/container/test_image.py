@@ -31,9 +31,10 @@ import pytest
 from bench.published import published_heads_path
 from helpers import SMALL_PHANTOM, THIN_PHANTOM, write_case
 from stoic_ct.inference.pipeline import Balaitous
-from stoic_ct.io.contract import COVID_OUTPUT, SEVERE_OUTPUT, demographics_for, read_job_inputs
+from stoic_ct.io.contract import demographics_for, read_job_inputs
 from stoic_ct.io.demographics import resolve_demographics
 from stoic_ct.io.imageio import read_scan
+from stoic_ct.io.output_names import COVID_OUTPUT, SEVERE_OUTPUT
 from stoic_ct.weights.model_files import RANDOM_WEIGHTS_MARKER
 from stoic_ct.weights.random_weights import write_random_model_dir
 from timings import Timings

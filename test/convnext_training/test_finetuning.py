@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from stoic_ct.convnext_training.cube_cache import task_patients
 from stoic_ct.convnext_training.finetuning import finetune
 from stoic_ct.convnext_training.recipes import FinetuneSettings
 from stoic_ct.convnext_training.trainer import LAST
 from stoic_ct.errors import InputError
 from stoic_ct.inference.classifier import FoldEnsemble, save_fold_ensemble
 from stoic_ct.io.cohort import Patient
-from stoic_ct.models.convnext3d import ConvNeXt3D, save_convnext3d
+from stoic_ct.models.convnext3d import ConvNeXt3D
 from stoic_ct.phantom import write_phantom_cohort
-from stoic_ct.preprocessing.cubes import task_patients
 from stoic_ct.weights.model_files import CONVNEXT_COVID
+from stoic_ct.weights.network_files import save_convnext3d
 
 CPU = torch.device("cpu")
 # A micro ConvNeXt from random weights on 32^3 cubes of the 48-phantom cohort: two folds of

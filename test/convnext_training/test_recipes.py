@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from stoic_ct.cli import main as cli
+from stoic_ct.convnext_training.cube_cache import task_patients
 from stoic_ct.convnext_training.finetuning import finetune
 from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
 from stoic_ct.errors import StoicError
@@ -22,7 +23,6 @@ from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.models.convnext3d import ConvNeXt3D
 from stoic_ct.phantom import write_phantom_cohort
-from stoic_ct.preprocessing.cubes import task_patients
 from stoic_ct.weights.model_files import CONVNEXT_SEVERE
 
 CPU = torch.device("cpu")

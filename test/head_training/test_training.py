@@ -26,8 +26,8 @@ from stoic_ct.head_training.training import (
     to_logistic_heads,
     write_heads,
 )
-from stoic_ct.models.heads import LogisticHeads
 from stoic_ct.weights.model_files import MANIFEST, read_manifest, sha256_of, write_manifest
+from stoic_ct.weights.network_files import load_heads
 
 FAST = FitSettings(inner_folds=3, c_grid=(0.01, 0.1, 1.0, 10.0))
 
@@ -63,7 +63,7 @@ def test_written_heads_reproduce_scikit_learn_within_1e_9(tmp_path: Path) -> Non
     table = gaussian_table()
     fits = fit_heads(table, FAST)
     path = write_heads(tmp_path, to_logistic_heads(fits), heads_document(fits, table, FAST))
-    heads = LogisticHeads.load(path)  # as process.py loads them
+    heads = load_heads(path)  # as process.py loads them
     for task, fit in fits.items():
         rows = labelled(table, task)
         y = (table.covid if task == "covid" else table.severe)[rows]
@@ -178,7 +178,7 @@ def test_installed_heads_are_the_fitted_ones(
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     install_heads(tmp_path / "out", model_dir)
-    installed = LogisticHeads.load(model_dir / "balaitous.npz").arrays()
+    installed = load_heads(model_dir / "balaitous.npz").arrays()
     fitted = to_logistic_heads(fits).arrays()
     assert installed.keys() == fitted.keys()
     for key, value in fitted.items():

@@ -17,7 +17,7 @@ from stoic_ct.cli import main as cli
 from stoic_ct.errors import ModelFileError
 from stoic_ct.head_training.features import FeatureTable
 from stoic_ct.inference.encoders import VolumeEncoder
-from stoic_ct.models.convnext3d import load_convnext3d
+from stoic_ct.weights.network_files import load_convnext3d
 
 REPOSITORY = Path(process.__file__).resolve().parent
 

@@ -13,8 +13,9 @@ from bench.published import install_compose_for_balaitous
 from helpers import resident_bytes
 from stoic_ct.inference.encoders import SliceEncoder, to_model_input
 from stoic_ct.inference.precision import numerics_of
-from stoic_ct.models.vit import VisionTransformer, ViTConfig, load_vit
+from stoic_ct.models.vit import VisionTransformer, ViTConfig
 from stoic_ct.weights.model_files import VIT_CT
+from stoic_ct.weights.network_files import load_vit
 from stoic_ct.weights.random_weights import random_vit_state_dict
 
 CONFIG = ViTConfig(embed_dim=128, depth=2, num_heads=2, mlp_hidden=256)

@@ -20,10 +20,10 @@ from stoic_ct.inference.gpu_memory import (
     modelled_peak,
     workload_of,
 )
+from stoic_ct.inference.lung_masks import R231_BATCH, R231Segmenter
 from stoic_ct.inference.pipeline import Balaitous
 from stoic_ct.inference.precision import ModelSettings
 from stoic_ct.inference.systems import fit_to_gpu
-from stoic_ct.preprocessing.lung_segmentation import R231_BATCH, R231Segmenter
 from timings import Timings
 
 WINNER = ConvNeXtShape("tiny", 256, outputs=1, metadata=2)

@@ -12,6 +12,7 @@ import torch
 
 import process
 from helpers import write_case, write_fold_ensemble
+from stoic_ct.convnext_training.cube_cache import LESION_DIR, task_patients
 from stoic_ct.convnext_training.pretraining import PretrainSettings, load_segmenter, pretrain
 from stoic_ct.errors import InputError, StoicError
 from stoic_ct.inference.pipeline import Balaitous
@@ -25,7 +26,6 @@ from stoic_ct.inference.systems import (
 from stoic_ct.io.cohort import read_cohort
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.imageio import read_scan
-from stoic_ct.preprocessing.cubes import LESION_DIR, task_patients
 from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
 from stoic_ct.weights.system_record import origin, write_system_record
 

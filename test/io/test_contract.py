@@ -11,8 +11,7 @@ import pytest
 from helpers import write_image
 from stoic_ct.errors import InputError
 from stoic_ct.io.contract import (
-    COVID_OUTPUT,
-    SEVERE_OUTPUT,
+    Probabilities,
     demographics_for,
     find_input_image,
     prepare_output_dir,
@@ -20,8 +19,8 @@ from stoic_ct.io.contract import (
     write_outputs,
 )
 from stoic_ct.io.imageio import Scan
+from stoic_ct.io.output_names import COVID_OUTPUT, SEVERE_OUTPUT
 from stoic_ct.io.volume import Volume
-from stoic_ct.models.heads import Probabilities
 
 VOLUME = Volume(
     np.zeros((2, 2, 2), np.int16),

@@ -13,12 +13,13 @@ import pytest
 from bench.published import published_heads_path
 from stoic_ct.errors import ModelFileError
 from stoic_ct.models.heads import LogisticHeads
+from stoic_ct.weights.network_files import load_heads
 from stoic_ct.weights.random_weights import random_heads
 
 
 @pytest.mark.parametrize(("age", "sex"), [(0.25, 0.0), (0.65, 0.5), (0.95, 1.0)])
 def test_matches_published_heads(published: types.ModuleType, age: float, sex: float) -> None:
-    heads = LogisticHeads.load(published_heads_path())
+    heads = load_heads(published_heads_path())
     apply = published.ApplySTOICLogisticRegressions()
     rng = np.random.default_rng(int(age * 100))
     for _ in range(5):
@@ -34,7 +35,7 @@ def test_matches_published_heads(published: types.ModuleType, age: float, sex: f
 
 
 def test_published_file_shapes() -> None:
-    heads = LogisticHeads.load(published_heads_path())
+    heads = load_heads(published_heads_path())
     assert heads.feature_dim == 1024
     assert heads.coef["lung_severe"].shape == (1026,)
     assert heads.alpha["full_covid"] + heads.alpha["lung_covid"] == pytest.approx(1.0)
@@ -84,11 +85,11 @@ def test_malformed_heads(
     change(arrays)
     np.savez(tmp_path / "balaitous.npz", allow_pickle=False, **arrays)
     with pytest.raises(ModelFileError, match=message) as error:
-        LogisticHeads.load(tmp_path / "balaitous.npz")
+        load_heads(tmp_path / "balaitous.npz")
     assert "balaitous.npz" in str(error.value) and "the balaitous 1.2 wheel" in str(error.value)
 
 
 def test_not_an_npz(tmp_path: Path) -> None:
     (tmp_path / "balaitous.npz").write_text("hello")
     with pytest.raises(ModelFileError, match="cannot be read as .npz"):
-        LogisticHeads.load(tmp_path / "balaitous.npz")
+        load_heads(tmp_path / "balaitous.npz")

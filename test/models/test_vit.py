@@ -14,8 +14,9 @@ from bench.published import install_compose_for_balaitous
 from helpers import TINY_VIT, mapped_ranges, resident_bytes
 from stoic_ct.errors import ModelFileError
 from stoic_ct.inference.precision import int8_linear
-from stoic_ct.models.vit import VisionTransformer, ViTConfig, load_vit
+from stoic_ct.models.vit import VisionTransformer, ViTConfig
 from stoic_ct.weights.model_files import VIT_CT, VIT_IMAGENET
+from stoic_ct.weights.network_files import load_vit
 from stoic_ct.weights.random_weights import random_vit_state_dict
 
 

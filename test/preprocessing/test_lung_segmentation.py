@@ -10,14 +10,11 @@ import SimpleITK as sitk
 import torch
 
 from stoic_ct.errors import InputError, ModelFileError
+from stoic_ct.inference.lung_masks import R231Segmenter
 from stoic_ct.io.volume import Volume
 from stoic_ct.models.r231 import r231_network
 from stoic_ct.phantom import PhantomSpec, make_phantom
-from stoic_ct.preprocessing.lung_segmentation import (
-    R231Segmenter,
-    labels_from_mask_image,
-    split_lungs,
-)
+from stoic_ct.preprocessing.lung_segmentation import labels_from_mask_image, split_lungs
 from stoic_ct.preprocessing.resampling import resample
 from stoic_ct.weights.model_files import R231
 from stoic_ct.weights.random_weights import random_r231_state_dict

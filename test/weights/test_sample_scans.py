@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 from fileserver import FileServer, Route, serving
 
-from stoic_ct.io.sample_scans import IndexArchive, sample_scans
 from stoic_ct.weights.fetch import FetchError
+from stoic_ct.weights.sample_scans import IndexArchive, sample_scans
 
 MEMBERS = {"a": "pkg-1.0/data/a.nrrd", "b": "pkg-1.0/data/b.nrrd"}
 
