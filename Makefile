@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make demo   set up .venv and run the algorithm on the shipped test case
-#   make test   set up .venv and run every check: ruff, mypy, shellcheck, hadolint, the tests,
-#               and the container test when docker or podman is usable (in CI: always)
+#   make test   set up .venv and run every check: ruff, mypy, the import layers, shellcheck,
+#               hadolint, the tests, and the container test when docker or podman is
+#               usable (in CI: always)
 # Other targets: make setup, make lint, make container-test, make gpu-check (on a GPU
 # machine: every GPU measurement in one call), make clean.
 
@@ -36,6 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/shellcheck --external-sources build.sh test.sh export.sh scripts/*.sh \
 		scripts/cluster/*.sbatch \
 		test/container/*.sh .ci/run
