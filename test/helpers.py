@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from stoic_ct.inference.classifier import save_fold_ensemble
+from stoic_ct.inference.fold_ensemble import save_fold_ensemble
 from stoic_ct.models.convnext3d import SIZES, ConvNeXt3D
 from stoic_ct.models.vit import ViTConfig
 from stoic_ct.phantom import PhantomSpec, make_phantom, write_phantom

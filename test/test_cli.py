@@ -12,8 +12,8 @@ import SimpleITK as sitk
 
 from helpers import SMALL_PHANTOM, write_case
 from stoic_ct.cli import main
-from stoic_ct.inference.batch import CSV_COLUMNS
 from stoic_ct.inference.pipeline import Balaitous
+from stoic_ct.inference.results_table import CSV_COLUMNS
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.phantom import PhantomSpec

@@ -70,7 +70,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     from stoic_ct.convnext_training.cube_cache import FINETUNE_TASKS
     from stoic_ct.convnext_training.pretraining import MODES, PretrainSettings
     from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
-    from stoic_ct.inference.classifier import HEADS
+    from stoic_ct.inference.fold_ensemble import HEAD_TYPES
 
     finetune = commands.add_parser(
         "finetune",
@@ -110,7 +110,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     finetune.add_argument(
         "--head",
-        choices=HEADS,
+        choices=HEAD_TYPES,
         default=argparse.SUPPRESS,
         help="softmax: one logit per class, cross-entropy (default); sigmoid: one logit, "
         "binary cross-entropy (binary tasks)",

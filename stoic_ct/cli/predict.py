@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stoic_ct.errors import StoicError
-from stoic_ct.inference.batch import (
+from stoic_ct.inference.results_table import (
     append_row,
     merge_results,
     qc_file_names,

@@ -42,7 +42,7 @@ from stoic_ct.convnext_training.sharing import CLAIMS, settings_key, shared_cube
 from stoic_ct.convnext_training.trainer import BEST, LAST, start_run
 from stoic_ct.distributed import ONE_PROCESS, Ranks, Team, gather, on_leader, share_units
 from stoic_ct.errors import InputError
-from stoic_ct.inference.classifier import save_fold_ensemble
+from stoic_ct.inference.fold_ensemble import save_fold_ensemble
 from stoic_ct.io.cohort import Patient
 from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
 

@@ -29,7 +29,7 @@ from stoic_ct.convnext_training.recipes import FinetuneSettings, class_names
 from stoic_ct.convnext_training.trainer import Evaluation, Trainer, fit, seed_of
 from stoic_ct.distributed import Team, interleave
 from stoic_ct.errors import InputError
-from stoic_ct.inference.classifier import head_outputs, head_probabilities
+from stoic_ct.inference.fold_ensemble import head_outputs, head_probabilities
 from stoic_ct.models.convnext3d import ConvNeXt3D
 from stoic_ct.weights.network_files import load_encoder_of_size
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from stoic_ct.convnext_training.cube_cache import FINETUNE_TASKS
 from stoic_ct.convnext_training.trainer import NetworkSettings
-from stoic_ct.inference.classifier import HEADS, METADATA
+from stoic_ct.inference.fold_ensemble import HEAD_TYPES, METADATA
 from stoic_ct.io.cohort import GRADES
 
 
@@ -39,8 +39,8 @@ class FinetuneSettings(NetworkSettings):
             raise ValueError(f"task must be one of {', '.join(FINETUNE_TASKS)}, not {self.task!r}")
         if self.folds < 2:
             raise ValueError("folds must be >= 2")
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {', '.join(HEADS)}, not {self.head!r}")
+        if self.head not in HEAD_TYPES:
+            raise ValueError(f"head must be one of {', '.join(HEAD_TYPES)}, not {self.head!r}")
         if self.head == "sigmoid" and len(class_names(self.task)) != 2:
             raise ValueError(f"a sigmoid head needs a binary task, not {self.task}")
 

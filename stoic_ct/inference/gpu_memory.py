@@ -26,7 +26,6 @@ from stoic_ct.device_memory import (
     estimate,
 )
 from stoic_ct.errors import StoicError
-from stoic_ct.inference.classifier import FoldEnsemble, mean_probabilities
 from stoic_ct.inference.encoders import (
     VIT_BATCH,
     SliceEncoder,
@@ -34,6 +33,7 @@ from stoic_ct.inference.encoders import (
     flip_summed_features,
     volume_feature,
 )
+from stoic_ct.inference.fold_ensemble import FoldEnsemble, mean_probabilities
 from stoic_ct.inference.lung_masks import R231_BATCH, R231Segmenter, classify_slices
 from stoic_ct.inference.pipeline import Balaitous
 from stoic_ct.inference.precision import check_precision

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from stoic_ct.errors import StoicError
-from stoic_ct.inference.batch import collected_warnings
 from stoic_ct.inference.lung_masks import R231Segmenter
 from stoic_ct.inference.pipeline import Balaitous, SliceStack, Stopwatch, prepare_slices
 from stoic_ct.inference.prediction import Prediction, System
+from stoic_ct.inference.results_table import collected_warnings
 from stoic_ct.inference.systems import ConvNeXtSystem, EnsembleSystem
 from stoic_ct.io.demographics import Demographics, resolve_demographics
 from stoic_ct.io.imageio import read_scan

@@ -19,7 +19,7 @@ import torch
 
 from stoic_ct.device_memory import GB, free_memory
 from stoic_ct.errors import ModelFileError, StoicError
-from stoic_ct.inference.classifier import FoldEnsemble
+from stoic_ct.inference.fold_ensemble import FoldEnsemble
 from stoic_ct.inference.gpu_memory import (
     check_fits,
     fit_batches,

@@ -14,7 +14,7 @@ from stoic_ct.convnext_training.finetuning import finetune
 from stoic_ct.convnext_training.recipes import FinetuneSettings
 from stoic_ct.convnext_training.trainer import LAST
 from stoic_ct.errors import InputError
-from stoic_ct.inference.classifier import FoldEnsemble, save_fold_ensemble
+from stoic_ct.inference.fold_ensemble import FoldEnsemble, save_fold_ensemble
 from stoic_ct.io.cohort import Patient
 from stoic_ct.models.convnext3d import ConvNeXt3D
 from stoic_ct.phantom import write_phantom_cohort

@@ -17,7 +17,7 @@ from stoic_ct.convnext_training.cube_cache import task_patients
 from stoic_ct.convnext_training.finetuning import finetune
 from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
 from stoic_ct.errors import StoicError
-from stoic_ct.inference.classifier import FoldEnsemble, head_probabilities
+from stoic_ct.inference.fold_ensemble import FoldEnsemble, head_probabilities
 from stoic_ct.inference.systems import ConvNeXtSystem
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.imageio import read_scan

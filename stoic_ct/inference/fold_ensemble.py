@@ -37,7 +37,7 @@ from stoic_ct.weights.checkpoints import load_checkpoint
 from stoic_ct.weights.model_files import ModelFileSpec, problem
 
 FORMAT = "stoic-ct convnext3d fold ensemble 1"
-HEADS = ("softmax", "sigmoid")
+HEAD_TYPES = ("softmax", "sigmoid")
 METADATA = ("age", "sex")  # Demographics.features: age / 100 clipped, sex 1 / 0 / 0.5
 
 
@@ -129,7 +129,7 @@ class FoldEnsemble:
         if size not in SIZES or not folds:
             raise ModelFileError(problem(spec, f"has size {size!r} and {len(folds)} folds"), path)
         head, metadata = document.get("head", "softmax"), tuple(document.get("metadata", ()))
-        if head not in HEADS or not set(metadata) <= set(METADATA):
+        if head not in HEAD_TYPES or not set(metadata) <= set(METADATA):
             raise ModelFileError(
                 problem(spec, f"has head {head!r} and metadata {list(metadata)}"), path
             )

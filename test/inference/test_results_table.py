@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stoic_ct.inference.batch import (
+from stoic_ct.inference.results_table import (
     CSV_COLUMNS,
     append_row,
     collected_warnings,
