@@ -52,7 +52,7 @@ test: lint
 	else \
 		echo; \
 		echo "NOTE: the container was NOT built or tested: no usable docker or podman here"; \
-		echo "      (see the README, 'The container'); everything else above passed."; \
+		echo "      (see docs/how-to/submit-to-grand-challenge.md); everything else above passed."; \
 	fi
 
 # Build the real Dockerfile and run the image as grand-challenge does (test/container/).

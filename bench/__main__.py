@@ -1,7 +1,7 @@
 """The benchmark: the published balaitous 1.2 and this pipeline, side by side, on this machine.
 
     .venv/bin/python -m bench [--phantoms small,chest] [--repeat 3] [--device cpu|cuda]
-                              [--no-fast] [--out bench/results] [--update-readme]
+                              [--no-fast] [--out bench/results] [--update-docs]
 
 Every run is a fresh process (a cold start, as on grand-challenge), on the same phantoms,
 with the same weights: random ViT-L encoders in the published layouts, the published
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chart import LABELS, bar_chart
+from bench.docs_block import PERFORMANCE, replace_block
 from bench.runner import STAGES
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -195,7 +196,7 @@ def _modelled_mb(summary: dict[str, Any], key: str) -> float | None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The tables of the README: one per phantom, rows per stage."""
+    """The tables of the performance page: one per phantom, rows per stage."""
     lines = [
         f"Measured {results['date']} on {results['machine']}, device {results['device']}, "
         f"{results['repeat']} runs each (medians; peak RSS: the largest)"
@@ -255,14 +256,10 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str, chart: Path, device: str) -> None:
-    """Replace the README's block for this device, between its two marker comments."""
-    readme = REPOSITORY / "README.md"
-    text = readme.read_text()
-    first, last = f"<!-- bench-{device}:start -->", f"<!-- bench-{device}:end -->"
-    start, end = text.index(first) + len(first), text.index(last)
-    block = f"\n{table}\n![benchmark]({chart.relative_to(REPOSITORY)})\n"
-    readme.write_text(text[:start] + block + text[end:])
+def update_docs(table: str, chart: Path, device: str) -> None:
+    """Replace the performance page's block for this device with the table and chart."""
+    link = os.path.relpath(chart, PERFORMANCE.parent)
+    replace_block(f"bench-{device}", f"{table}\n![benchmark]({link})")
 
 
 def main() -> None:
@@ -297,9 +294,11 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPOSITORY / "bench" / "results")
     parser.add_argument(
+        "--update-docs",
         "--update-readme",
         action="store_true",
-        help="replace the benchmark block of README.md with these figures",
+        help="replace the benchmark block of docs/explanation/performance.md with these "
+        "figures (--update-readme: its old name)",
     )
     args = parser.parse_args()
     names = [n.strip() for n in args.phantoms.split(",") if n.strip()]
@@ -381,8 +380,8 @@ def main() -> None:
     chart = bar_chart(results, args.out / f"{stem}.png")
     print(table)
     print(f"written: {args.out / stem}.json, .md, .png", file=sys.stderr)
-    if args.update_readme:
-        update_readme(table, chart, args.device)
+    if args.update_docs:
+        update_docs(table, chart, args.device)
 
 
 if __name__ == "__main__":

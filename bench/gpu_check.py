@@ -7,7 +7,7 @@ its exit status and time) beside each step's own results:
 
     bench        python -m bench --device cuda --phantoms small,chest --repeat 2
                  (exact and fast, against the published package; the memory model's
-                 figures beside the measured peaks; the README's table)  -> OUT/gpu/
+                 figures beside the measured peaks; the performance page's table) -> OUT/gpu/
     bench-t4     the same with --gpu-memory-gb 15 (a 16 GB T4)           -> OUT/gpu-t4/
     differential the differential test with our side on the GPU (STOIC_TEST_DEVICE=cuda)
     finetune     one fine-tuning epoch of the tiny ConvNeXt at 224^3 and 256^3, float16
@@ -16,7 +16,7 @@ its exit status and time) beside each step's own results:
     cohort       8 chest-size scans in the fast mode, one at a time and pipelined
                  (bench/cohort.py): scans per hour                    -> OUT/gpu-cohort.json
 
-Then the README's block of these figures is written from the files (`summary`). Without a
+Then the performance page's block of these figures is written from the files (`summary`). Without a
 CUDA GPU it says so in one line and runs nothing (exit status 1). A step that fails or runs
 out of time is reported and the others still run; the exit status is then 1.
 """
@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench.docs_block import replace_block
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -53,7 +55,7 @@ def steps(out: Path) -> list[Step]:
     python = sys.executable
     bench = [python, "-m", "bench", "--device", "cuda", "--phantoms", "small,chest"]
     return [
-        Step("bench", [*bench, "--repeat", "2", "--out", str(out / "gpu"), "--update-readme"], 170),
+        Step("bench", [*bench, "--repeat", "2", "--out", str(out / "gpu"), "--update-docs"], 170),
         Step(
             "bench-t4",
             [*bench, "--repeat", "1", "--gpu-memory-gb", "15", "--out", str(out / "gpu-t4")],
@@ -82,7 +84,7 @@ def steps(out: Path) -> list[Step]:
 
 
 def summary(out: Path) -> str:
-    """The README's block: fine-tuning and cohort figures, and the memory model beside the
+    """The performance page's block: fine-tuning and cohort figures, and the memory model beside the
     measured peaks, from the files the steps wrote (what a step did not write is said)."""
     lines = [f"From `make gpu-check` ({_read(out / 'gpu-check.json').get('gpu', 'no GPU')}).", ""]
     finetune = _read(out / "gpu-finetune.json").get("epochs", [])
@@ -129,14 +131,6 @@ def _read(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return document
-
-
-def update_readme(block: str, readme: Path = REPOSITORY / "README.md") -> None:
-    """Replace the README's block between its gpu-check marker comments."""
-    text = readme.read_text()
-    first, last = "<!-- gpu-check:start -->", "<!-- gpu-check:end -->"
-    start, end = text.index(first) + len(first), text.index(last)
-    readme.write_text(text[:start] + f"\n{block}\n" + text[end:])
 
 
 def no_gpu() -> str | None:
@@ -186,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu-check.json").write_text(json.dumps(report, indent=1) + "\n")
-    update_readme(summary(args.out))
+    replace_block("gpu-check", summary(args.out))
     outcomes = report["steps"]
     assert isinstance(outcomes, dict)
     failed = [name for name, outcome in outcomes.items() if outcome["status"] != 0]

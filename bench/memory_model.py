@@ -1,12 +1,13 @@
 """The GPU memory model's figures, computed on this machine (no GPU needed).
 
-    .venv/bin/python -m bench.memory_model [--out bench/results] [--update-readme]
+    .venv/bin/python -m bench.memory_model [--out bench/results] [--update-docs]
 
 For a chest CT (512 x 512 x 300 at 0.7 x 0.7 x 1.25 mm) at the default GPU batch sizes:
 Balaitous and the ensemble (with the STOIC2021 winner's fine-tuned ConvNeXt, 5 folds per
 task), exact and fast; and one training step of `finetune` at the winner's recipe
 (tiny, 256^3, batch 4, mixed precision) and at 224^3. Written to OUT/gpu-memory-model.json
-and .md; `--update-readme` replaces the README's block of modelled figures. They are
+and .md; `--update-docs` replaces the block of modelled figures in
+docs/explanation/performance.md. They are
 modelled (stoic_ct.device_memory), not measured: `make gpu-check` measures them where a
 GPU is lent, and `python -m bench --device cuda` prints both.
 """
@@ -20,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.docs_block import replace_block
 from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
 from stoic_ct.convnext_training.training_memory import finetune_step_peak
 from stoic_ct.device_memory import MemoryEstimate
@@ -67,18 +69,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str, readme: Path = REPOSITORY / "README.md") -> None:
-    """Replace the README's block between its gpu-memory-model marker comments."""
-    text = readme.read_text()
-    first, last = "<!-- gpu-memory-model:start -->", "<!-- gpu-memory-model:end -->"
-    start, end = text.index(first) + len(first), text.index(last)
-    readme.write_text(text[:start] + f"\n{table}\n" + text[end:])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory_model", description=__doc__)
     parser.add_argument("--out", type=Path, default=REPOSITORY / "bench" / "results")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument(
+        "--update-docs", "--update-readme", action="store_true", help="rewrite the page's table"
+    )
     args = parser.parse_args(argv)
     rows = figures()
     table = markdown(rows)
@@ -86,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "gpu-memory-model.json").write_text(json.dumps(rows, indent=1) + "\n")
     (args.out / "gpu-memory-model.md").write_text(table + "\n")
     print(table)
-    if args.update_readme:
-        update_readme(table)
+    if args.update_docs:
+        replace_block("gpu-memory-model", table)
     return 0
 
 

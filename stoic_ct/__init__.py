@@ -2,7 +2,7 @@
 
 Folders by stage: `io` (reading, the container's inputs and outputs), `preprocessing`,
 `models`, `inference` (the Balaïtous pipeline, the ConvNeXt, the systems), `weights`
-(model files), `head_training`, `convnext_training`; docs/pipeline.md maps every module.
+(model files), `head_training`, `convnext_training`; docs/explanation/pipeline.md maps every module.
 """
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ from typing import Any
 
 from bench import memory_model
 from bench.__main__ import cpu_fast_choice
+from bench.docs_block import replace_block
 
 
 def test_the_modelled_table_covers_prediction_and_fine_tuning(tmp_path: Path) -> None:
@@ -18,7 +19,7 @@ def test_the_modelled_table_covers_prediction_and_fine_tuning(tmp_path: Path) ->
     assert "not measured on a GPU" in table and table.count("\n| ") == len(rows) + 1
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- gpu-memory-model:start -->\nold\n<!-- gpu-memory-model:end -->\nb\n")
-    memory_model.update_readme(table, readme)
+    replace_block("gpu-memory-model", table, readme)
     assert table in readme.read_text() and "old" not in readme.read_text()
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench import finetune_epoch, gpu_check
+from bench.docs_block import replace_block
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -89,7 +90,7 @@ def test_the_readme_block_is_written_from_the_steps_files(tmp_path: Path) -> Non
     assert "- chest, ours, full memory: 3.00 GiB allocated at the peak, 2.92 GiB modelled" in block
     readme = tmp_path / "README.md"
     readme.write_text("before\n<!-- gpu-check:start -->\nold\n<!-- gpu-check:end -->\nafter\n")
-    gpu_check.update_readme(block, readme)
+    replace_block("gpu-check", block, readme)
     text = readme.read_text()
     assert (
         "old" not in text

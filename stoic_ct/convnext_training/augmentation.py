@@ -8,7 +8,7 @@ resumed training run sees exactly what an uninterrupted one saw. Axes are (D, H,
 (axial slice, row, column) of the (z, y, x) volume; "axial plane" is (H, W).
 
 `paper_augmentation` composes them with the settings of Kienzle et al.
-(docs/pipeline.md, section 3).
+(docs/explanation/pipeline.md, section 3).
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ class Compose:
 
 
 def paper_augmentation() -> Compose:
-    """Kienzle et al.'s training augmentation (docs/pipeline.md, section 3), in our order."""
+    """Kienzle et al.'s training augmentation (docs/explanation/pipeline.md, section 3), in our order."""
     return Compose(
         (
             RandomCropOfResize(256 / 224, p=0.5),

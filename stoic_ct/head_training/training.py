@@ -2,7 +2,7 @@
 
 Per task and encoder, one scikit-learn `LogisticRegression` on standardised features:
 covid on the encoder feature alone; severe on the feature with age and sex appended,
-fitted on COVID-positive patients only (docs/pipeline.md, section 2). The regularisation C is
+fitted on COVID-positive patients only (docs/explanation/pipeline.md, section 2). The regularisation C is
 chosen by an inner stratified k-fold cross-validation (the largest out-of-fold ROC-AUC;
 on a tie, the stronger regularisation), the standardisation is folded into the written
 coefficients, and the weights of the full/lung average are chosen on the out-of-fold

@@ -1,4 +1,4 @@
-"""The frozen encoders: a stack of axial slices to one feature vector (docs/pipeline.md,
+"""The frozen encoders: a stack of axial slices to one feature vector (docs/explanation/pipeline.md,
 Balaïtous steps 8-11), and the one place that loads them for an --encoder choice.
 
 `SliceEncoder` (the published ViTs): each slice is windowed to [-1024, 600] HU, scaled to

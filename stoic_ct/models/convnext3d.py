@@ -1,6 +1,6 @@
 """The 3D ConvNeXt of Kienzle et al. (ECCV 2022 workshops): one input channel, volumes in.
 
-docs/pipeline.md, section 3: a stem (Conv3d k4 s4 + channels-first LayerNorm), three
+docs/explanation/pipeline.md, section 3: a stem (Conv3d k4 s4 + channels-first LayerNorm), three
 downsamplers (LayerNorm + Conv3d k2 s2), and stages of blocks: depthwise Conv3d k7 ->
 LayerNorm -> Linear(d, 4d) -> GELU -> Linear(4d, d) -> layer scale -> drop path, residual.
 Module names follow the official 2D ConvNeXt (`downsample_layers`, `stages.i.j.dwconv`,

@@ -1,4 +1,4 @@
-"""The four logistic regressions of Balaïtous and their weighting (docs/pipeline.md,
+"""The four logistic regressions of Balaïtous and their weighting (docs/explanation/pipeline.md,
 Balaïtous step 12).
 
 COVID: one regression on each encoder's feature; severity: one on each feature with age

@@ -2,7 +2,7 @@
 
 The published model resamples with SimpleITK, linear interpolation, to 1.5 x 1.5 x 5 mm
 (x, y, z), keeping origin, direction and pixel type; the output size is the input extent
-divided by the new spacing, truncated (docs/pipeline.md, Balaïtous step 2).
+divided by the new spacing, truncated (docs/explanation/pipeline.md, Balaïtous step 2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fetching the model files from where they are published: resumable, checked, recorded.
 
-Sources (docs/pipeline.md, section 2): Zenodo record 6547999 for the two ViT-L checkpoints,
+Sources (docs/explanation/pipeline.md, section 2): Zenodo record 6547999 for the two ViT-L checkpoints,
 lungmask's v0.0 GitHub release for R231, and the balaitous 1.2 wheel on the package
 index for balaitous.npz. Each download goes to `.<name>.part` beside its destination,
 resumes from there when interrupted, is checked (digest where one is published, then
