@@ -304,7 +304,8 @@ class Compose:
 
 
 def paper_augmentation() -> Compose:
-    """Kienzle et al.'s training augmentation (docs/explanation/pipeline.md, section 3), in our order."""
+    """Kienzle et al.'s training augmentation (docs/explanation/pipeline.md, section 3), in our
+    order."""
     return Compose(
         (
             RandomCropOfResize(256 / 224, p=0.5),

@@ -1,4 +1,5 @@
-"""Fine-tuning the 3D ConvNeXt end to end, as Kienzle et al. (docs/explanation/pipeline.md, section 3).
+"""Fine-tuning the 3D ConvNeXt end to end, as Kienzle et al.
+(docs/explanation/pipeline.md, section 3).
 
 Stratified k-fold cross-validation (default 5). In each fold: a ConvNeXt3D with a class
 head, started from `--init` (inflated ImageNet weights or a `pretrain` checkpoint),

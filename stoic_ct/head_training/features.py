@@ -8,7 +8,7 @@ The feature table is one `.npz` file (numpy, no pickles), N rows sorted by patie
 | `feature_full`, `feature_lung` | (N, D) float64 | the two encoders' flip-averaged CLS features |
 | `age_years` | (N,) float64 | age as resolved from the header (65 when absent) |
 | `sex` | (N,) str | "M", "F" or "" (unknown) |
-| `age_feature`, `sex_feature` | (N,) float64 | the heads' encoding (docs/explanation/pipeline.md, step 1) |
+| `age_feature`, `sex_feature` | (N,) float64 | the heads' encoding (the pipeline's step 1) |
 | `covid`, `severe` | (N,) int8 | labels from reference.csv: 1, 0, or -1 when not given |
 | `provenance` | () str | JSON: model files' sha256, precision, lung masks, failures, version |
 

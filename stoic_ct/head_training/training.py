@@ -1,13 +1,13 @@
 """Fit the four logistic-regression heads on a feature table, as Balaïtous was trained.
 
-Per task and encoder, one scikit-learn `LogisticRegression` on standardised features:
-covid on the encoder feature alone; severe on the feature with age and sex appended,
-fitted on COVID-positive patients only (docs/explanation/pipeline.md, section 2). The regularisation C is
-chosen by an inner stratified k-fold cross-validation (the largest out-of-fold ROC-AUC;
+Per task and encoder, one scikit-learn `LogisticRegression` on standardised features: covid
+on the encoder feature alone; severe on the feature with age and sex appended, fitted on
+COVID-positive patients only (docs/explanation/pipeline.md, section 2). The regularisation C
+is chosen by an inner stratified k-fold cross-validation (the largest out-of-fold ROC-AUC;
 on a tie, the stronger regularisation), the standardisation is folded into the written
 coefficients, and the weights of the full/lung average are chosen on the out-of-fold
-predictions at the chosen C. `evaluate` wraps all of this in an outer cross-validation
-for an unbiased estimate (nested cross-validation).
+predictions at the chosen C. `evaluate` wraps all of this in an outer cross-validation for
+an unbiased estimate (nested cross-validation).
 """
 
 from __future__ import annotations

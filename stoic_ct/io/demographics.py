@@ -1,9 +1,9 @@
 """Patient age and sex: parsing from headers, JSON files and flags, and the model's encoding.
 
 The severity heads take age / 100 clipped to [0.25, 0.95] (default 65 years) and sex as
-M -> 1, F -> 0, unknown -> 0.5 (docs/explanation/pipeline.md, Balaïtous step 1). A value that cannot be
-parsed is reported and the next source is used: flag, then JSON file, then header, then
-the default.
+M -> 1, F -> 0, unknown -> 0.5 (docs/explanation/pipeline.md, Balaïtous step 1). A value
+that cannot be parsed is reported and the next source is used: flag, then JSON file, then
+header, then the default.
 """
 
 from __future__ import annotations

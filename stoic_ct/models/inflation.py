@@ -1,4 +1,5 @@
-"""2D ConvNeXt weights inflated into `ConvNeXt3D` (Kienzle et al.; docs/explanation/pipeline.md, section 3).
+"""2D ConvNeXt weights inflated into `ConvNeXt3D` (Kienzle et al.;
+docs/explanation/pipeline.md, section 3).
 
 A k x k kernel becomes k x k x k, the new axis first (depth, the axial direction of
 (N, C, D, H, W) volumes):

@@ -1,5 +1,5 @@
-"""From the working grid to the stack of axial slices the encoders see (docs/explanation/pipeline.md,
-Balaïtous steps 4-7 and 9).
+"""From the working grid to the stack of axial slices the encoders see
+(docs/explanation/pipeline.md, Balaïtous steps 4-7 and 9).
 
 Steps 4-7 and 9 of the published pipeline, as pure functions on arrays in the published
 slice layout (H, W, Z): rows are SimpleITK's y reversed, columns x, and the last axis z.

@@ -1,10 +1,10 @@
 """Fetching the model files from where they are published: resumable, checked, recorded.
 
-Sources (docs/explanation/pipeline.md, section 2): Zenodo record 6547999 for the two ViT-L checkpoints,
-lungmask's v0.0 GitHub release for R231, and the balaitous 1.2 wheel on the package
-index for balaitous.npz. Each download goes to `.<name>.part` beside its destination,
-resumes from there when interrupted, is checked (digest where one is published, then
-loadability, keys and shapes), and only then takes its name. A `MANIFEST` of sha256
+Sources (docs/explanation/pipeline.md, section 2): Zenodo record 6547999 for the two ViT-L
+checkpoints, lungmask's v0.0 GitHub release for R231, and the balaitous 1.2 wheel on the
+package index for balaitous.npz. Each download goes to `.<name>.part` beside its
+destination, resumes from there when interrupted, is checked (digest where one is published,
+then loadability, keys and shapes), and only then takes its name. A `MANIFEST` of sha256
 sums records the checked files; files that match it are not fetched again.
 """
 
