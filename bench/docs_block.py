@@ -15,9 +15,9 @@ def replace_block(name: str, text: str, page: Path = PERFORMANCE) -> None:
     Raises:
         ValueError: when the page lacks the markers.
     """
-    content = page.read_text()
+    content = page.read_text(encoding="utf-8")
     first, last = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if first not in content or last not in content:
         raise ValueError(f"{page} has no {first} ... {last} block")
     start, end = content.index(first) + len(first), content.index(last)
-    page.write_text(content[:start] + f"\n{text.strip()}\n" + content[end:])
+    page.write_text(content[:start] + f"\n{text.strip()}\n" + content[end:], encoding="utf-8")

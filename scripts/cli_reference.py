@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     page = render()
     if args.check:
-        if not PAGE.exists() or PAGE.read_text() != page:
+        if not PAGE.exists() or PAGE.read_text(encoding="utf-8") != page:
             print(f"{PAGE.relative_to(REPOSITORY)} is stale: run scripts/cli_reference.py")
             return 1
         return 0
     PAGE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE.write_text(page)
+    PAGE.write_text(page, encoding="utf-8")
     print(f"wrote {PAGE.relative_to(REPOSITORY)}")
     return 0
 

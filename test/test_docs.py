@@ -14,7 +14,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 def _anchors(page: Path) -> set[str]:
     """GitHub's anchors of a page's headings."""
-    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.MULTILINE)
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.MULTILINE)
     return {
         "".join(c for c in h.lower() if c.isalnum() or c in " -_").replace(" ", "-")
         for h in headings
@@ -22,13 +22,13 @@ def _anchors(page: Path) -> set[str]:
 
 
 def test_the_readme_is_short() -> None:
-    assert len((REPOSITORY / "README.md").read_text().splitlines()) <= 200
+    assert len((REPOSITORY / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
 
 
 def test_every_link_in_the_readme_and_docs_resolves() -> None:
     broken = []
     for page in PAGES:
-        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)
         for target in LINK.findall(text):
             if re.match(r"^[a-z]+:", target):
                 continue
