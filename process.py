@@ -11,7 +11,7 @@ and errors (the platform shows it as warnings on the result).
 
 Local use:
     python process.py --input test/input --output /tmp/out [--model-dir DIR] [--device cpu]
-        [--model balaitous|convnext3d|ensemble]
+        [--system balaitous|convnext3d|ensemble]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = args.model_dir or default_model_dir()
 
         def load() -> System:
-            model, choice = load_model_folder(model_dir, settings, system=args.model)
+            model, choice = load_model_folder(model_dir, settings, system=args.system)
             logger.info(
                 "%s loaded on %s (%s precision) in %.1f s",
                 choice.system,

@@ -43,7 +43,7 @@ if [ "$bake_model" = true ]; then
 else
     model_dir="${model_dir:-$here/model}"
     check_model_dir "$model_dir"
-    run=(--model "$model_dir")
+    run=(--model-dir "$model_dir")
 fi
 "$here/build.sh" "${build[@]}"
 
@@ -59,7 +59,7 @@ wait
 
 # Standard library only: any python3 will do.
 cd "$here"
-python3 -m stoic_ct.weights.expected "$work/output" --model-dir "$model_dir"
+python3 -m scripts.check_outputs "$work/output" --model-dir "$model_dir"
 if [ -s "$work/stderr" ]; then
     echo "the container wrote $(wc -l < "$work/stderr") line(s) to stderr, which grand-challenge shows as warnings on the result:"
     sed 's/^/    /' "$work/stderr"

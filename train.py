@@ -1,19 +1,19 @@
 """STOIC2021 final-phase training: both systems and their ensemble, from a cohort in the
 training layout, into one model folder.
 
-    python train.py [--system balaitous|convnext3d|both] [--input /input] [--output /output]
+    python train.py [--system balaitous|convnext3d|ensemble] [--input /input] [--output /output]
                     [--scratch /scratch] [--model-dir DIR] [--devices auto|cpu|cuda:0,...]
                     [--rank-timeout 60]
                     [--precision exact|fast] [--encoder vit|convnext3d-frozen]
                     [--lung-masks DIR] [--convnext KEY=VALUE ...]
-                    [--evaluate] [--folds 8] [--repeats 4] [--seed 0]
+                    [--evaluate] [--folds N] [--repeats N] [--seed N]
 
 Reads INPUT/data/mha/<PatientID>.mha and INPUT/metadata/reference.csv. balaitous: extracts
 both encoders' features of every scan and fits the four logistic regressions
 (OUTPUT/balaitous.npz, heads.json); convnext3d: fine-tunes the 3D ConvNeXt for COVID-19 and
 for severity with the STOIC2021 winner's recipe (OUTPUT/convnext3d_covid.pth,
 convnext3d_severe.pth; starting from the model folder's convnext3d.pth when it has one);
-both (the default): the two, then the ensemble's weights from their out-of-fold
+ensemble (the default): the two, then the ensemble's weights from their out-of-fold
 predictions (OUTPUT/ensemble.json, ensemble-report/). The encoders and the U-Net are copied
 from the model folder and OUTPUT/MANIFEST lists every model file: OUTPUT is a complete
 model folder for process.py and export.sh. Scans that fail are reported and left out.
@@ -35,18 +35,17 @@ to stdout; stderr carries only warnings and errors. Then `./export.sh --model-di
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import typing
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stoic_ct.errors import StoicError
+from stoic_ct.head_training.defaults import OUTER_FOLDS, REPEATS
 from stoic_ct.logs import configure_logging
-from stoic_ct.options import add_model_arguments, add_rank_arguments
+from stoic_ct.options import add_model_arguments, add_rank_arguments, add_system_argument
 from stoic_ct.runtime import log_runtime
 from stoic_ct.weights.model_files import default_model_dir
 from stoic_ct.weights.system_record import invoked_as
@@ -59,13 +58,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger("stoic_ct.train")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from stoic_ct.final_training import SYSTEMS
+def trained_system(value: str) -> str:
+    """--system's value, with the old name `both` turned into `ensemble` (and a notice)."""
+    if value != "both":
+        return value
+    logger.warning(
+        "--system both is deprecated and will be removed in the next release: it is now "
+        "called --system ensemble"
+    )
+    return "ensemble"
 
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--system", choices=SYSTEMS, default="both", help="default both")
+    add_system_argument(
+        parser,
+        old=None,
+        type=trained_system,
+        default="ensemble",
+        help="what to train: balaitous (the heads), convnext3d (the fine-tuned ConvNeXt) or "
+        "ensemble (both, and the weights that average them; the default; formerly 'both')",
+    )
     parser.add_argument("--input", type=Path, default=Path("/input"))
     parser.add_argument("--output", type=Path, default=Path("/output"))
     parser.add_argument("--scratch", type=Path, default=Path("/scratch"))
@@ -83,46 +98,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="fine-tuning settings that replace the recipe's for both tasks, e.g. epochs=10 "
-        "batch_size=2 init=/path/pretrained.pth (the fields of `finetune`'s settings.json)",
+        "batch_size=2 init=/path/pretrained.pth: the fields of `finetune`'s settings.json, "
+        "each value read as its `finetune` option reads it (true/false for metadata, none "
+        "to clear init or schedule_end)",
     )
     parser.add_argument("--evaluate", action="store_true", help="also write OUTPUT/report/")
-    parser.add_argument("--folds", type=int, default=8, help="of the heads' nested CV")
-    parser.add_argument("--repeats", type=int, default=4, help="of the heads' nested CV")
+    nested = "of the heads' nested cross-validation (default %(default)s)"
+    parser.add_argument("--folds", type=int, default=OUTER_FOLDS, help=nested)
+    parser.add_argument("--repeats", type=int, default=REPEATS, help=nested)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def convnext_values(pairs: Sequence[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs as FinetuneSettings values, each converted to its field's type.
-
-    Raises:
-        StoicError: for an unknown key or a value of the wrong type.
-    """
-    from stoic_ct.convnext_training.recipes import FinetuneSettings
-
-    types = typing.get_type_hints(FinetuneSettings)
-    names = [f.name for f in dataclasses.fields(FinetuneSettings)]
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, text = pair.partition("=")
-        if key not in names or not _:
-            raise StoicError(
-                f"--convnext {pair!r}: expected KEY=VALUE, KEY one of {', '.join(names)}"
-            )
-        kind = types[key]
-        try:
-            if text.lower() == "none" and type(None) in typing.get_args(kind):
-                values[key] = None
-            elif kind is bool:
-                values[key] = {"true": True, "false": False}[text.lower()]
-            else:
-                base = next(
-                    (t for t in (int, float) if t is kind or t in typing.get_args(kind)), str
-                )
-                values[key] = base(text)
-        except (KeyError, ValueError):
-            raise StoicError(f"--convnext {pair!r}: {text!r} is not a {kind}") from None
-    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,17 +118,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(information_to_stdout=True)
     log_runtime()
     try:
+        from stoic_ct.cli.convnext import finetune_values
         from stoic_ct.distributed import run_ranks
 
+        convnext = finetune_values(args.convnext)
         command = [sys.executable, str(Path(__file__).resolve()), *given]
-        return run_ranks(command, args.devices, args.rank_timeout, partial(on_rank, args))
+        return run_ranks(command, args.devices, args.rank_timeout, partial(on_rank, args, convnext))
     except StoicError as error:
         logger.error("%s", error)
         return 1
 
 
-def on_rank(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
-    """This rank's part of the training run."""
+def on_rank(
+    args: argparse.Namespace, convnext: dict[str, Any], ranks: Ranks, device: torch.device
+) -> int:
+    """This rank's part of the training run; `convnext`: the fine-tuning values given."""
     from stoic_ct.final_training import TrainingRun, train
     from stoic_ct.head_training.training import FitSettings
     from stoic_ct.inference.precision import ModelSettings
@@ -165,7 +154,7 @@ def on_rank(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int
         folds=args.folds,
         repeats=args.repeats,
         evaluate=args.evaluate,
-        convnext=convnext_values(args.convnext),
+        convnext=convnext,
     )
     train(run)
     return 0

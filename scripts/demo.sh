@@ -32,4 +32,4 @@ fi
 rm -rf test/output
 "$python" process.py --input test/input --output test/output --model-dir "$model_dir"
 echo
-"$python" -m stoic_ct.weights.expected test/output --model-dir "$model_dir"
+"$python" -m scripts.check_outputs test/output --model-dir "$model_dir"

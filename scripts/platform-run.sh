@@ -4,7 +4,7 @@ set -euo pipefail
 
 usage() {
     cat <<USAGE
-Usage: scripts/platform-run.sh [--model DIR] [--api exec|invoke] [--detach NAME]
+Usage: scripts/platform-run.sh [--model-dir DIR] [--api exec|invoke] [--detach NAME]
                                [--engine-arg ARG]... IMAGE INPUT OUTPUT [ARG...]
 
 Runs IMAGE as grand-challenge runs a job: no network, every capability dropped, no new
@@ -35,7 +35,10 @@ engine_args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
-        --model) model="${2:?--model needs a folder}"; shift 2 ;;
+        --model-dir) model="${2:?--model-dir needs a folder}"; shift 2 ;;
+        --model)
+            echo "warning: --model is deprecated and will be removed in the next release: it is now called --model-dir" >&2
+            model="${2:?--model needs a folder}"; shift 2 ;;
         --api) api="${2:?--api needs exec or invoke}"; shift 2 ;;
         --detach) detach="${2:?--detach needs a container name}"; shift 2 ;;
         --engine-arg) engine_args+=("${2:?--engine-arg needs an option}"); shift 2 ;;

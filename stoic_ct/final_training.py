@@ -6,12 +6,12 @@ ensemble, trained on a cohort in the training layout, into one complete model fo
                 cross-validation (SCRATCH/balaitous/oof.csv; OUTPUT/report/ with --evaluate)
     convnext3d  the fine-tuned ConvNeXt for each task (SCRATCH/convnext3d-<task>/, the
                 ten (task, fold) units shared among the ranks), OUTPUT/convnext3d_<task>.pth
-    both        the two, then the ensemble's weights from their out-of-fold predictions
+    ensemble    the two, then the ensemble's weights from their out-of-fold predictions
                 (OUTPUT/ensemble.json, OUTPUT/ensemble-report/)
 
 The encoders and the U-Net (and the RANDOM_WEIGHTS marker, where there is one) are copied
 from the model folder, OUTPUT/MANIFEST lists every model file, and OUTPUT/system.json says
-which system the folder holds (balaitous, convnext3d, or ensemble for both) with the
+which system the folder holds (balaitous, convnext3d or ensemble) with the
 cohort's size and the out-of-fold AUCs: OUTPUT is a --model-dir for process.py and the
 server, which run that system with no option, and what export.sh packs. Everything slow
 is kept under SCRATCH, so a run started again after an interruption resumes: cached
@@ -69,6 +69,7 @@ from stoic_ct.weights.model_files import (
     R231,
     RANDOM_WEIGHTS_MARKER,
     SYSTEM_RECORD,
+    SYSTEMS,
     encoder_kind,
     sha256_of,
     update_manifest,
@@ -77,9 +78,6 @@ from stoic_ct.weights.system_record import choose, origin, write_system_record
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("balaitous", "convnext3d", "both")
-# The system each choice leaves in the model folder (its system.json).
-TRAINED_SYSTEM = {"balaitous": "balaitous", "convnext3d": "convnext3d", "both": "ensemble"}
 # The ConvNeXt's recipe in the final phase: the STOIC2021 severity winner's, for each task.
 CONVNEXT_RECIPE = "stoic2021-winner"
 
@@ -121,11 +119,11 @@ class TrainingRun:
 
     @property
     def trains_balaitous(self) -> bool:
-        return self.system in ("balaitous", "both")
+        return self.system in ("balaitous", "ensemble")
 
     @property
     def trains_convnext(self) -> bool:
-        return self.system in ("convnext3d", "both")
+        return self.system in ("convnext3d", "ensemble")
 
     def convnext_settings(self, task: str) -> FinetuneSettings:
         """The recipe for `task`, with `convnext`'s values; the model folder's convnext3d.pth
@@ -172,7 +170,7 @@ def train(run: TrainingRun) -> Path | None:
         stages["heads"] = time.perf_counter() - started
     if run.trains_convnext:
         oof["convnext3d"], auc["convnext3d"] = assemble_convnext(run, plans, stages["convnext3d"])
-    if run.system == "both":
+    if run.system == "ensemble":
         started = time.perf_counter()
         auc["ensemble"] = train_ensemble(run, oof)
         stages["ensemble"] = time.perf_counter() - started
@@ -182,7 +180,7 @@ def train(run: TrainingRun) -> Path | None:
         cohort={"scans": len(patients), "labelled": sum(p.covid != UNKNOWN for p in patients)},
         auc={"estimate": "out-of-fold (nested for the heads and the ensemble)", **auc},
     )
-    record = write_system_record(run.output_dir, TRAINED_SYSTEM[run.system], run.encoder, entry)
+    record = write_system_record(run.output_dir, run.system, run.encoder, entry)
     summary = {
         "system": run.system,
         "devices": devices,

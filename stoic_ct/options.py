@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from stoic_ct.inference.precision import PRECISIONS, ModelSettings, resolve_device
 from stoic_ct.io.orientation import ORIENTATIONS
-from stoic_ct.weights.model_files import ENCODER_ALIASES, ENCODER_KINDS, MODEL_KINDS
+from stoic_ct.weights.model_files import ENCODER_ALIASES, ENCODER_KINDS, SYSTEMS
 
 logger = logging.getLogger(__name__)
 
@@ -23,18 +25,52 @@ def encoder_name(value: str) -> str:
     logger.warning(
         "--encoder %s is deprecated and will be removed in the next release: it is now "
         "called --encoder %s (the frozen 3D ConvNeXt under logistic heads; the fine-tuned "
-        "one is --model convnext3d)",
+        "one is --system convnext3d)",
         value,
         new,
     )
     return new
 
 
+class DeprecatedOption(argparse.Action):
+    """An option's old name, kept for one release: stores into the new option's `dest`
+    with a deprecation notice, and is left out of --help."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        logger.warning(
+            "%s is deprecated and will be removed in the next release: it is now called %s",
+            option_string,
+            self.new,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def add_system_argument(
+    parser: argparse.ArgumentParser, help: str, old: str | None = "--model", **kwargs: Any
+) -> None:
+    """--system, one of SYSTEMS, and its old name `old` (deprecated) where there was one."""
+    parser.add_argument("--system", choices=SYSTEMS, help=help, **kwargs)
+    if old is not None:
+        parser.add_argument(
+            old, dest="system", choices=SYSTEMS, action=DeprecatedOption, new="--system"
+        )
+
+
 def add_model_arguments(
     parser: argparse.ArgumentParser, device: bool = True, system: bool = False
 ) -> None:
     """--model-dir, --precision, --device (unless `device` is False: train.py has
-    --devices), --encoder and --orientation; with `system`, --model too."""
+    --devices), --encoder and --orientation; with `system`, --system too."""
     parser.add_argument(
         "--model-dir",
         type=Path,
@@ -43,9 +79,8 @@ def add_model_arguments(
         "else the repository's model/)",
     )
     if system:
-        parser.add_argument(
-            "--model",
-            choices=MODEL_KINDS,
+        add_system_argument(
+            parser,
             default=None,
             help="the system to run instead of the one the model folder holds (its "
             "system.json; balaitous, the published model, without one): balaitous, "

@@ -97,7 +97,7 @@ def resident_bytes(path: Path) -> int:
 def assert_process_py_uses(
     model_dir: Path, work: Path, encoder: str | None = None, model: str | None = None
 ) -> str:
-    """process.py (with --model MODEL and --encoder ENCODER where given; without them it
+    """process.py (with --system MODEL and --encoder ENCODER where given; without them it
     runs what the folder holds), in a subprocess on a thin phantom, gives what the system
     loaded in this process from `model_dir` gives (within 1e-6): it loaded those files.
 
@@ -112,7 +112,7 @@ def assert_process_py_uses(
     from stoic_ct.io.imageio import read_scan
 
     image = write_case(work / "input", THIN_PHANTOM)
-    flags = [*(("--encoder", encoder) if encoder else ()), *(("--model", model) if model else ())]
+    flags = [*(("--encoder", encoder) if encoder else ()), *(("--system", model) if model else ())]
     done = subprocess.run(
         [
             sys.executable,

@@ -107,7 +107,10 @@ def checkout(tmp_path: Path, tiny_model_dir: Path) -> Path:
     (root / "scripts").mkdir(parents=True)
     for script in (*SCRIPTS, "Dockerfile"):
         shutil.copy2(REPOSITORY / script, root / script)
-    for script in ("args.sh", "engine.sh", "model.sh", "platform-run.sh", "invoke-client.py"):
+    for script in (
+        *("args.sh", "engine.sh", "model.sh", "platform-run.sh", "invoke-client.py"),
+        *("__init__.py", "check_outputs.py"),
+    ):
         shutil.copy2(REPOSITORY / "scripts" / script, root / "scripts" / script)
     (root / "scripts" / "wheelhouse.sh").write_text(FAKE_WHEELHOUSE)
     (root / "scripts" / "wheelhouse.sh").chmod(0o755)
@@ -384,11 +387,6 @@ def test_test_script_compares_recorded_values(
     (checkout / "test").unlink()
     shutil.copytree(REPOSITORY / "test" / "input", checkout / "test" / "input")
     shutil.copy2(expected, checkout / "test" / "expected_output.json")
-    # stoic_ct.weights.expected reads test/expected_output.json beside the package it runs from.
-    (checkout / "stoic_ct").unlink()
-    shutil.copytree(
-        REPOSITORY / "stoic_ct", checkout / "stoic_ct", ignore=shutil.ignore_patterns("__pycache__")
-    )
     done = run(checkout / "test.sh", docker)
     assert done.returncode == 1
     assert "probability-covid-19.json 0.250000 instead of 0.300000" in done.stdout

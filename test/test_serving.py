@@ -306,7 +306,7 @@ def test_the_image_entry_point_needs_no_argument() -> None:
     from stoic_ct.cli import _parser
 
     args = _parser().parse_args(["serve"])
-    assert (args.input, args.output, args.port, args.model_dir, args.model) == (
+    assert (args.input, args.output, args.port, args.model_dir, args.system) == (
         Path("/input"),
         Path("/output"),
         4743,

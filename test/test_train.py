@@ -18,7 +18,6 @@ import pytest
 import train
 from helpers import assert_process_py_uses
 from stoic_ct.cli import main as cli
-from stoic_ct.errors import StoicError
 from stoic_ct.head_training.features import FeatureTable
 from stoic_ct.phantom import write_phantom_cohort
 from timings import Timings
@@ -185,7 +184,7 @@ def _train_arguments(
     cohort: Path, masks: Path, model_dir: Path, output: Path, scratch: Path
 ) -> list[str]:
     return [
-        *("--system", "both", "--input", str(cohort)),
+        *("--system", "ensemble", "--input", str(cohort)),
         *("--output", str(output), "--scratch", str(scratch), "--model-dir", str(model_dir)),
         *("--lung-masks", str(masks), "--folds", "4", "--repeats", "2"),
         *("--convnext", "size=micro", "input_size=32", "epochs=2", "folds=2", "augment=none"),
@@ -195,16 +194,16 @@ def _train_arguments(
 def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
     phantom_cohort: Path, cohort_masks: Path, model_dir: Path, tmp_path: Path, timings: Timings
 ) -> None:
-    """train.py --system both on 48 phantoms with tiny models, on two devices (two CPU
+    """train.py --system ensemble on 48 phantoms with tiny models, on two devices (two CPU
     processes, started by --devices): heads, both fold ensembles and ensemble.json in one
-    folder with which process.py --model ensemble runs; a second run resumes from the
+    folder with which process.py --system ensemble runs; a second run resumes from the
     scratch folder; `torchrun --standalone --nproc_per_node=2 train.py` and one process
     make the same folder."""
     output, scratch = tmp_path / "output", tmp_path / "scratch"
     arguments = _train_arguments(phantom_cohort, cohort_masks, model_dir, output, scratch)
     started = time.perf_counter()
     assert train.main([*arguments, "--devices", "cpu,cpu"]) == 0
-    timings.since("train.py --system both, 48 phantoms, tiny: --devices cpu,cpu", started)
+    timings.since("train.py --system ensemble, 48 phantoms, tiny: --devices cpu,cpu", started)
     model_files = {
         "balaitous.npz",
         "convnext3d_covid.pth",
@@ -225,11 +224,11 @@ def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
     assert summary["convnext"]["severe"]["metadata"] is True  # the winner's recipe
     assert summary["convnext"]["severe"]["input_size"] == 32  # with the given values
 
-    # What train.py wrote is what runs: process.py and predict without --model score with
+    # What train.py wrote is what runs: process.py and predict without --system score with
     # the ensemble that system.json names.
     record = json.loads((output / "system.json").read_text())
     assert record["system"] == "ensemble" and set(record["files"]) == model_files
-    assert record["history"][-1]["command"].startswith("train.py --system both")
+    assert record["history"][-1]["command"].startswith("train.py --system ensemble")
     log = assert_process_py_uses(output, tmp_path / "job")
     assert "model folder " in log and "system ensemble (encoder vit)" in log
     job_image = tmp_path / "job" / "input" / "images" / "ct" / "1234.mha"
@@ -264,13 +263,13 @@ def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
         env=os.environ | {"OMP_NUM_THREADS": "1"},
         timeout=600,
     )
-    timings.since("train.py --system both, 48 phantoms, tiny: torchrun, 2 ranks", started)
+    timings.since("train.py --system ensemble, 48 phantoms, tiny: torchrun, 2 ranks", started)
     started = time.perf_counter()
     one = _train_arguments(
         phantom_cohort, cohort_masks, model_dir, runs["one process"], tmp_path / "scratch-1"
     )
     assert train.main([*one, "--devices", "cpu"]) == 0
-    timings.since("train.py --system both, 48 phantoms, tiny: one process", started)
+    timings.since("train.py --system ensemble, 48 phantoms, tiny: one process", started)
     served = {}
     for name, folder in runs.items():
         assert_process_py_uses(folder, tmp_path / f"job-{name}")
@@ -285,13 +284,3 @@ def test_train_py_trains_both_systems_into_a_model_folder_for_the_ensemble(
     a, b = (json.loads((folder / "ensemble.json").read_text()) for folder in runs.values())
     for task in ("covid", "severe"):
         assert a[task]["balaitous"] == pytest.approx(b[task]["balaitous"], abs=1e-6)
-
-
-def test_convnext_values_take_their_fields_types() -> None:
-    values = train.convnext_values(["epochs=3", "init=none", "metadata=false", "lr=1e-4"])
-    assert values == {"epochs": 3, "init": None, "metadata": False, "lr": 1e-4}
-    assert train.convnext_values(["schedule_end=20"]) == {"schedule_end": 20}
-    with pytest.raises(StoicError, match="KEY one of"):
-        train.convnext_values(["epoch=3"])
-    with pytest.raises(StoicError, match="'three' is not a"):
-        train.convnext_values(["epochs=three"])

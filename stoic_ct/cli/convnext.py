@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from stoic_ct.distributed import Ranks, run_ranks
 from stoic_ct.errors import StoicError
@@ -26,6 +26,12 @@ logger = logging.getLogger("stoic_ct")
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """inflate-convnext, finetune and pretrain."""
+    _register_inflate(commands)
+    _register_finetune(commands)
+    _register_pretrain(commands)
+
+
+def _register_inflate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     inflate = commands.add_parser(
         "inflate-convnext",
         help="make convnext3d.pth: a 3D ConvNeXt inflated from 2D ConvNeXt weights",
@@ -67,10 +73,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="no checkpoint: a randomly initialised 3D ConvNeXt (for tests and setup checks)",
     )
     inflate.set_defaults(handler=run_inflate_convnext)
-    from stoic_ct.convnext_training.cube_cache import FINETUNE_TASKS
-    from stoic_ct.convnext_training.pretraining import MODES, PretrainSettings
-    from stoic_ct.convnext_training.recipes import PRESETS, FinetuneSettings
-    from stoic_ct.inference.fold_ensemble import HEAD_TYPES
+
+
+def _register_finetune(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from stoic_ct.convnext_training.recipes import PRESETS
 
     finetune = commands.add_parser(
         "finetune",
@@ -81,13 +87,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "kept, shipped), the best epoch by ROC-AUC (macro F1 for severity4), float16 on a "
         "GPU. Writes OUT/fold-K/ (checkpoints, metrics.csv, learning-curves.png), "
         "OUT/oof.csv, OUT/finetune.json and OUT/convnext3d_<task>.pth, the fold ensemble "
-        "that process.py --model convnext3d reads from the model folder. Start from "
+        "that process.py --system convnext3d reads from the model folder. Start from "
         "--init: inflate-convnext's ImageNet weights or pretrain's pretrained.pth. "
         "--preset stoic2021-winner sets the STOIC2021 severity winner's recipe; any option "
         "given beside it overrides the preset's value. Every value used is logged and "
         "saved in OUT/settings.json.",
     )
-    defaults = FinetuneSettings()
     finetune.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     finetune.add_argument("--out", type=Path, required=True, help="run folder")
     finetune.add_argument(
@@ -97,35 +102,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="stoic2021-winner: severity, tiny, 256^3 cubes, sigmoid head with age and sex, "
         "AdamW 5e-5, weight decay 1e-8, cosine to 1e-6 over 20 epochs, no drop path",
     )
-    finetune.add_argument(
-        "--task",
-        choices=FINETUNE_TASKS,
-        default=argparse.SUPPRESS,
-        help="covid (every labelled patient), severe (COVID-positive patients, the STOIC "
-        f"rule), severity4 (the `severity` column, grades 1-4 of COV19-CT-DB); default "
-        f"{defaults.task}",
-    )
-    finetune.add_argument(
-        "--folds", type=int, default=argparse.SUPPRESS, help=f"default {defaults.folds}"
-    )
-    finetune.add_argument(
-        "--head",
-        choices=HEAD_TYPES,
-        default=argparse.SUPPRESS,
-        help="softmax: one logit per class, cross-entropy (default); sigmoid: one logit, "
-        "binary cross-entropy (binary tasks)",
-    )
-    finetune.add_argument(
-        "--metadata",
-        action=argparse.BooleanOptionalAction,
-        default=argparse.SUPPRESS,
-        help="append age and sex (from each scan's header; age/100 clipped, sex 1/0/0.5) "
-        "to the pooled features before the head (default: no)",
-    )
-    _convnext_training_arguments(finetune, defaults)
+    finetune_settings_arguments(finetune)
+    _run_arguments(finetune)
     finetune.add_argument(
         "--resume", action="store_true", help="continue the run in --out where it stopped"
     )
+    finetune.set_defaults(handler=run_finetune)
+
+
+def _register_pretrain(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from stoic_ct.convnext_training.pretraining import MODES, PretrainSettings
 
     pretrain = commands.add_parser(
         "pretrain",
@@ -155,20 +141,54 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="multitask: the pretrained.pth of a segmentation run, to make the lesion "
         "masks with (default: the masks in DATA_DIR/data/lesions)",
     )
-    _convnext_training_arguments(pretrain, pre)
-    finetune.set_defaults(handler=run_finetune)
+    _network_arguments(pretrain, pre)
+    _run_arguments(pretrain)
     pretrain.set_defaults(handler=run_pretrain)
 
 
-# Options that set a NetworkSettings field, when it is named otherwise.
+# Options that set a settings field, when it is named otherwise.
 FIELD_OF_OPTION = {"ema": "ema_decay"}
 
 
-def _convnext_training_arguments(
-    parser: argparse.ArgumentParser, defaults: NetworkSettings
-) -> None:
-    """The NetworkSettings options, each absent from the parsed arguments unless given (so
-    that a preset's value stands unless the option overrides it)."""
+def finetune_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """An option for each FinetuneSettings field (the task, the folds, the head and the
+    network's), each absent from the parsed arguments unless given (so that a preset's
+    value stands unless the option overrides it)."""
+    from stoic_ct.convnext_training.cube_cache import FINETUNE_TASKS
+    from stoic_ct.convnext_training.recipes import FinetuneSettings
+    from stoic_ct.inference.fold_ensemble import HEAD_TYPES
+
+    defaults = FinetuneSettings()
+    parser.add_argument(
+        "--task",
+        choices=FINETUNE_TASKS,
+        default=argparse.SUPPRESS,
+        help="covid (every labelled patient), severe (COVID-positive patients, the STOIC "
+        f"rule), severity4 (the `severity` column, grades 1-4 of COV19-CT-DB); default "
+        f"{defaults.task}",
+    )
+    parser.add_argument(
+        "--folds", type=int, default=argparse.SUPPRESS, help=f"default {defaults.folds}"
+    )
+    parser.add_argument(
+        "--head",
+        choices=HEAD_TYPES,
+        default=argparse.SUPPRESS,
+        help="softmax: one logit per class, cross-entropy (default); sigmoid: one logit, "
+        "binary cross-entropy (binary tasks)",
+    )
+    parser.add_argument(
+        "--metadata",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="append age and sex (from each scan's header; age/100 clipped, sex 1/0/0.5) "
+        "to the pooled features before the head (default: no)",
+    )
+    _network_arguments(parser, defaults)
+
+
+def _network_arguments(parser: argparse.ArgumentParser, defaults: NetworkSettings) -> None:
+    """The NetworkSettings options, each absent from the parsed arguments unless given."""
     from stoic_ct.convnext_training.augmentation import AUGMENTATIONS
     from stoic_ct.convnext_training.trainer import SCHEDULES
 
@@ -230,10 +250,64 @@ def _convnext_training_arguments(
     parser.add_argument(
         "--seed", type=int, default=given, help="folds, order, augmentation (default 0)"
     )
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a training run keeps its cubes and runs: --cache and the rank options."""
     parser.add_argument(
         "--cache", type=Path, default=None, help="cube cache folder (default OUT/cubes)"
     )
     add_rank_arguments(parser)
+
+
+class _RefusedError(Exception):
+    """What argparse says of a value its option refuses."""
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """A parser that raises _RefusedError where argparse would exit with a usage message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _RefusedError(message)
+
+
+def finetune_values(pairs: Sequence[str], flag: str = "--convnext") -> dict[str, Any]:
+    """KEY=VALUE pairs, KEY a FinetuneSettings field (as in settings.json), as settings
+    values: each VALUE read by the `finetune` option that sets that field (true or false
+    for a switch; none clears a field that may be empty).
+
+    Raises:
+        StoicError: for an unknown key, or a value that the option refuses.
+    """
+    from stoic_ct.convnext_training.recipes import FinetuneSettings
+
+    parser = _RaisingParser(add_help=False)
+    finetune_settings_arguments(parser)
+    option_of = {field: option for option, field in FIELD_OF_OPTION.items()}
+    defaults = {f.name: f.default for f in fields(FinetuneSettings)}
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, equals, text = pair.partition("=")
+        if key not in defaults or not equals:
+            raise StoicError(
+                f"{flag} {pair!r}: expected KEY=VALUE, KEY one of {', '.join(defaults)}"
+            )
+        if text.lower() == "none" and defaults[key] is None:
+            values[key] = None
+            continue
+        option = option_of.get(key, key).replace("_", "-")
+        if isinstance(defaults[key], bool):
+            switch = {"true": f"--{option}", "false": f"--no-{option}"}.get(text.lower())
+            tokens = [switch] if switch else []
+        else:
+            tokens = [f"--{option}", text]
+        try:
+            if not tokens:
+                raise _RefusedError("true or false")
+            values |= given_settings(parser.parse_args(tokens), list(defaults))
+        except _RefusedError as error:
+            raise StoicError(f"{flag} {pair!r}: {text!r} is not a valid {key} ({error})") from None
+    return values
 
 
 def run_inflate_convnext(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "for the same patients, choose each task's weight w of w * P(balaitous) + (1 - w) * "
         "P(convnext3d) by ROC-AUC, estimate the ensemble's AUC by nested cross-validation "
         "and report it beside each system's (report.json, report.md, roc.png, "
-        "calibration.png), and write OUT/ensemble.json for process.py --model ensemble.",
+        "calibration.png), and write OUT/ensemble.json for process.py --system ensemble.",
     )
     fit.add_argument(
         "--reference", type=Path, required=True, help="the cohort's metadata/reference.csv"

@@ -35,7 +35,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "predict",
         help="P(COVID-19) and P(severe COVID-19) for each scan",
         description="Run the system the model folder holds (its system.json; Balaitous for "
-        "the published files; --model chooses another) on each scan (.mha, .mhd, .nii.gz, "
+        "the published files; --system chooses another) on each scan (.mha, .mhd, .nii.gz, "
         ".nrrd or a DICOM folder). Models load once. Results go to stdout, one line per "
         "scan, and to --csv.",
     )
@@ -147,7 +147,7 @@ def run_predict(args: argparse.Namespace) -> int:
         logger.info("shard %d/%d: %d of %d images", index, count, len(images), len(masks))
     model_dir = args.model_dir or default_model_dir()
     settings = model_settings(args)
-    if (args.model or choose(model_dir).system) == "convnext3d":
+    if (args.system or choose(model_dir).system) == "convnext3d":
         for flag, given in (("--lung-mask", args.lung_mask), ("--qc", args.qc)):
             if given is not None:
                 raise StoicError(
@@ -158,7 +158,7 @@ def run_predict(args: argparse.Namespace) -> int:
     model, choice = load_model_folder(
         model_dir,
         settings,
-        system=args.model,
+        system=args.system,
         lung_masks="r231" if args.lung_mask is None else "given",
     )
     logger.info(

@@ -58,7 +58,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = model_settings(args)
 
     def load() -> System:
-        model, choice = load_model_folder(model_dir, settings, system=args.model)
+        model, choice = load_model_folder(model_dir, settings, system=args.system)
         logger.info(
             "%s loaded on %s (%s precision)", choice.system, settings.device, args.precision
         )

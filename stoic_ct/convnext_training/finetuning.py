@@ -12,7 +12,7 @@ STOIC tasks, macro F1 for the 4-class severity grade.
     OUT/fold-K/                 the trainer's folder (last.pt, best.pt, metrics.csv, PNG)
     OUT/oof.csv                 every patient's out-of-fold probabilities (best epochs)
     OUT/finetune.json           per-fold and out-of-fold metrics, class weights, times
-    OUT/convnext3d_<task>.pth   the fold ensemble for `process.py --model convnext3d`
+    OUT/convnext3d_<task>.pth   the fold ensemble for `process.py --system convnext3d`
 
 The out-of-fold metric is that of the epochs chosen on the same folds: slightly
 optimistic, as in the paper; the best epoch is the only thing chosen on them.
@@ -46,6 +46,7 @@ from stoic_ct.errors import InputError
 from stoic_ct.inference.fold_ensemble import save_fold_ensemble
 from stoic_ct.io.cohort import Patient
 from stoic_ct.preprocessing.convnext_preprocessing import DEFAULT_WINDOW
+from stoic_ct.weights.model_files import FINE_TUNED_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def assemble(plan: FoldPlan, seconds: float) -> FinetuneResult:
         fold_of[valid], fold_metrics[fold] = fold, float(state["best"]["metric"])
     metric = task_metric(settings.task, plan.labels, probabilities)
     ensemble = save_fold_ensemble(
-        out_dir / f"convnext3d_{settings.task}.pth",
+        out_dir / FINE_TUNED_NAME.format(task=settings.task),
         folds=[
             torch.load(out_dir / f"fold-{k + 1}" / BEST, map_location="cpu", weights_only=True)
             for k in range(settings.folds)

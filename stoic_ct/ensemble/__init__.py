@@ -1,2 +1,2 @@
 """The ensemble of the two systems: its weights, fitted on out-of-fold predictions of both
-(`fit-ensemble`), written to ensemble.json for `process.py --model ensemble`."""
+(`fit-ensemble`), written to ensemble.json for `process.py --system ensemble`."""

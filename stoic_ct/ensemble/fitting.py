@@ -38,9 +38,10 @@ from stoic_ct.atomic import atomic_write_text
 from stoic_ct.ensemble.defaults import FOLDS, REPEATS
 from stoic_ct.errors import InputError, ModelFileError
 from stoic_ct.head_training.evaluation import TaskResult, report
-from stoic_ct.inference.systems import MEMBERS, read_ensemble_weights
+from stoic_ct.inference.systems import read_ensemble_weights
 from stoic_ct.io.cohort import STOIC_TASKS, read_reference, task_rows
 from stoic_ct.weights.model_files import (
+    ENSEMBLE_MEMBERS,
     ENSEMBLE_WEIGHTS,
     read_manifest,
     sha256_of,
@@ -270,7 +271,7 @@ def fit_ensemble(
             fitted[task].chosen.std(),
         )
     weights = {
-        task: dict(zip(MEMBERS, (f.weight, round(1.0 - f.weight, 6)), strict=True))
+        task: dict(zip(ENSEMBLE_MEMBERS, (f.weight, round(1.0 - f.weight, 6)), strict=True))
         for task, f in fitted.items()
     }
     about = {
@@ -338,7 +339,7 @@ def install_ensemble(weights: Path, model_dir: Path, document: dict[str, Any]) -
             "estimate": "out-of-fold; nested for the ensemble",
             **{
                 name: {task: tasks[task]["heads"][name]["auc"] for task in tasks}
-                for name in (*MEMBERS, "ensemble")
+                for name in (*ENSEMBLE_MEMBERS, "ensemble")
             },
         },
     )

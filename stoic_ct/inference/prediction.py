@@ -23,7 +23,7 @@ class Prediction:
 
 
 class System(Protocol):
-    """A model that predicts both outputs for one CT (`process.py --model`).
+    """A model that predicts both outputs for one CT (`process.py --system`).
 
     `lung_labels` is a lung label image of any geometry to use instead of the system's lung
     segmenter, for the systems that segment the lungs.

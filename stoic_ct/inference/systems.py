@@ -36,16 +36,15 @@ from stoic_ct.io.volume import Volume
 from stoic_ct.weights.model_files import (
     CONVNEXT_COVID,
     CONVNEXT_SEVERE,
+    ENSEMBLE_MEMBERS,
     ENSEMBLE_WEIGHTS,
-    MODEL_KINDS,
+    SYSTEMS,
     ModelFiles,
     problem,
 )
 from stoic_ct.weights.system_record import FolderChoice, choose
 
 logger = logging.getLogger(__name__)
-
-MEMBERS = ("balaitous", "convnext3d")
 
 
 class ConvNeXtSystem:
@@ -120,9 +119,9 @@ def read_ensemble_weights(path: Path) -> dict[str, dict[str, float]]:
     weights: dict[str, dict[str, float]] = {}
     for task in ("covid", "severe"):
         given = document.get(task) if isinstance(document, dict) else None
-        if not isinstance(given, dict) or set(given) != set(MEMBERS):
-            raise bad(f"needs {task!r}: {{{', '.join(repr(m) + ': w' for m in MEMBERS)}}}")
-        values = {m: given[m] for m in MEMBERS}
+        if not isinstance(given, dict) or set(given) != set(ENSEMBLE_MEMBERS):
+            raise bad(f"needs {task!r}: {{{', '.join(repr(m) + ': w' for m in ENSEMBLE_MEMBERS)}}}")
+        values = {m: given[m] for m in ENSEMBLE_MEMBERS}
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()):
             raise bad(f"the {task} weights must be numbers, not {values}")
         total = sum(values.values())
@@ -213,7 +212,7 @@ def load_system(
     *,
     lung_masks: LungMasks = "r231",
 ) -> System:
-    """The system `kind` (MODEL_KINDS) with its files from `model_dir`, whatever the folder's
+    """The system `kind` (SYSTEMS) with its files from `model_dir`, whatever the folder's
     record says (load_model_folder reads it).
 
     Args:
@@ -222,8 +221,8 @@ def load_system(
     Raises:
         ModelFileError: when a file it needs is missing or malformed.
     """
-    if kind not in MODEL_KINDS:
-        raise StoicError(f"model must be one of {', '.join(MODEL_KINDS)}, not {kind!r}")
+    if kind not in SYSTEMS:
+        raise StoicError(f"system must be one of {', '.join(SYSTEMS)}, not {kind!r}")
     system: System
     if kind == "balaitous":
         system = Balaitous.from_model_dir(model_dir, settings, lung_masks=lung_masks)

@@ -126,30 +126,34 @@ def encoder_kind(name: str) -> EncoderKind:
     return kind
 
 
-# The fine-tuned 3D ConvNeXt classifiers (`finetune`), the system `--model convnext3d`: each
-# holds every fold's EMA weights, and `process.py --model convnext3d` averages the folds'
+# The fine-tuned 3D ConvNeXt classifiers (`finetune`), the system `--system convnext3d`: each
+# holds every fold's EMA weights, and `process.py --system convnext3d` averages the folds'
 # softmax outputs.
+FINE_TUNED_NAME = "convnext3d_{task}.pth"  # `finetune --task TASK` writes OUT/<this>
 CONVNEXT_COVID = ModelFileSpec(
-    "convnext3d_covid.pth",
+    FINE_TUNED_NAME.format(task="covid"),
     "the fold ensemble of a 3D ConvNeXt fine-tuned for COVID-19 (written by `finetune --task "
     "covid`)",
     "made locally with `python -m stoic_ct finetune DATA_DIR --task covid`",
     "yours (the ConvNeXt weights it started from: MIT)",
 )
 CONVNEXT_SEVERE = ModelFileSpec(
-    "convnext3d_severe.pth",
+    FINE_TUNED_NAME.format(task="severe"),
     "the fold ensemble of a 3D ConvNeXt fine-tuned for severe COVID-19 (`finetune --task severe`)",
     "made locally with `python -m stoic_ct finetune DATA_DIR --task severe`",
     "yours (the ConvNeXt weights it started from: MIT)",
 )
 ENSEMBLE_WEIGHTS = ModelFileSpec(
     "ensemble.json",
-    'the weights of `--model ensemble`: {"covid": {"balaitous": w, "convnext3d": w}, '
+    'the weights of `--system ensemble`: {"covid": {"balaitous": w, "convnext3d": w}, '
     '"severe": {...}}',
-    "made locally with `python -m stoic_ct fit-ensemble` (or train.py --system both)",
+    "made locally with `python -m stoic_ct fit-ensemble` (or train.py --system ensemble)",
     "yours",
 )
-MODEL_KINDS = ("balaitous", "convnext3d", "ensemble")
+# The systems a model folder can hold and `--system` chooses: the published Balaitous, the
+# fine-tuned 3D ConvNeXt, and the ensemble of those two members (ensemble.json).
+SYSTEMS = ("balaitous", "convnext3d", "ensemble")
+ENSEMBLE_MEMBERS = ("balaitous", "convnext3d")
 # What a model folder holds, and where it came from (stoic_ct.weights.system_record). A
 # folder without it holds the published Balaitous files.
 SYSTEM_RECORD = ModelFileSpec(
@@ -163,7 +167,7 @@ SYSTEM_RECORD = ModelFileSpec(
 
 
 def system_files(system: str, encoder: str = "vit") -> tuple[ModelFileSpec, ...]:
-    """The model files `system` (one of MODEL_KINDS) needs with the encoder choice `encoder`.
+    """The model files `system` (one of SYSTEMS) needs with the encoder choice `encoder`.
 
     Raises:
         ValueError: for an unknown system or encoder.
@@ -177,7 +181,7 @@ def system_files(system: str, encoder: str = "vit") -> tuple[ModelFileSpec, ...]
         "ensemble": (*balaitous, *convnext, ENSEMBLE_WEIGHTS),
     }
     if system not in needs:
-        raise ValueError(f"system must be one of {', '.join(MODEL_KINDS)}, not {system!r}")
+        raise ValueError(f"system must be one of {', '.join(SYSTEMS)}, not {system!r}")
     return needs[system]
 
 

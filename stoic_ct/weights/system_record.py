@@ -2,7 +2,7 @@
 
     {"format": 1, "system": "ensemble", "encoder": "vit",
      "files": ["vitl_16_ct.pth", ..., "ensemble.json"],
-     "history": [{"command": "train.py --system both", "written": "2026-12-01T22:10:00+00:00",
+     "history": [{"command": "train.py --system ensemble", "written": "2026-12-01T22:10:00+00:00",
                   "what": "...", "cohort": {"patients": 2000}, "auc": {...}}, ...]}
 
 `system` is what process.py, predict, bench and the server run from the folder unless told
@@ -27,8 +27,8 @@ from stoic_ct.atomic import atomic_write_text
 from stoic_ct.errors import ModelFileError
 from stoic_ct.weights.model_files import (
     ENCODER_KINDS,
-    MODEL_KINDS,
     SYSTEM_RECORD,
+    SYSTEMS,
     encoder_kind,
     problem,
     read_manifest,
@@ -49,7 +49,7 @@ class SystemRecord:
     """The contents of system.json.
 
     Attributes:
-        system: one of MODEL_KINDS.
+        system: one of SYSTEMS.
         encoder: the frozen encoders under the heads (ENCODER_KINDS).
         files: the names of the model files the system needs.
         history: what wrote the folder, oldest first (command, written, what, ...).
@@ -117,8 +117,8 @@ def _parse(document: object, path: Path) -> SystemRecord:
     if not isinstance(document, dict) or document.get("format") != RECORD_FORMAT:
         raise bad(f"must be a JSON object with format {RECORD_FORMAT}")
     system, encoder = document.get("system"), document.get("encoder", PUBLISHED_ENCODER)
-    if system not in MODEL_KINDS:
-        raise bad(f"system must be one of {', '.join(MODEL_KINDS)}, not {system!r}")
+    if system not in SYSTEMS:
+        raise bad(f"system must be one of {', '.join(SYSTEMS)}, not {system!r}")
     try:
         encoder = encoder_kind(encoder).name
     except (ValueError, TypeError):
@@ -166,7 +166,7 @@ def choose(model_dir: Path, system: str | None = None, encoder: str | None = Non
     record = read_system_record(model_dir)
     held = (record.system, record.encoder) if record else (PUBLISHED_SYSTEM, PUBLISHED_ENCODER)
     where = model_dir / SYSTEM_RECORD.name if record else f"{model_dir} (no {SYSTEM_RECORD.name})"
-    for flag, given, recorded in (("--model", system, held[0]), ("--encoder", encoder, held[1])):
+    for flag, given, recorded in (("--system", system, held[0]), ("--encoder", encoder, held[1])):
         if given is not None and given != recorded:
             logger.info("%s %s overrides what %s holds: %s", flag, given, where, recorded)
     return FolderChoice(system or held[0], encoder or held[1], record)

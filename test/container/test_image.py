@@ -148,7 +148,7 @@ def platform_run(
     """The image run by scripts/platform-run.sh, as the platform runs a job; the model
     folder mounted at /opt/ml/model unless None."""
     open_to_all(input_dir)
-    command = ["scripts/platform-run.sh", *(["--model", str(model)] if model else [])]
+    command = ["scripts/platform-run.sh", *(["--model-dir", str(model)] if model else [])]
     command += [f"--engine-arg={a}" for a in engine_args]
     return run([*command, image, input_dir, output, *args], 900)
 
@@ -403,7 +403,7 @@ def invoke_container(engine: str) -> Iterator[Callable[..., tuple[InvokeContaine
         name = f"stoic-ct-test-{os.getpid()}-{len(names)}"
         names.append(name)
         open_to_all(input_dir)
-        command = ["scripts/platform-run.sh", "--model", str(model), "--detach", name]
+        command = ["scripts/platform-run.sh", "--model-dir", str(model), "--detach", name]
         command += [f"--engine-arg={a}" for a in engine_args]
         done = run([*command, image, input_dir, output], 600)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -484,7 +484,7 @@ def test_the_final_phase_in_the_form_it_ships(
     """train.py in the image (both systems, tiny models, 48 phantoms), its output packed by
     export.sh as model.tar.gz and extracted at /opt/ml/model, then the invoke image run
     with no argument: it scores with the ensemble the folder's system.json names, as the
-    host's process.py --model ensemble does on the same folder (within 1e-6)."""
+    host's process.py --system ensemble does on the same folder (within 1e-6)."""
     cohort = Path(shutil.copytree(phantom_cohort, tmp_path / "cohort"))
     shutil.copytree(cohort_masks, cohort / "masks")
     output = writable_folder(tmp_path / "trained")
@@ -499,7 +499,7 @@ def test_the_final_phase_in_the_form_it_ships(
         *("epochs=2", "folds=2", "augment=none"),
         engine_args=["--entrypoint=python", "--tmpfs=/scratch:rw,mode=1777"],
     )
-    timings.since("final phase: train.py --system both in the image (48 phantoms, tiny)", started)
+    timings.since("final phase: train.py in the image (48 phantoms, tiny)", started)
     assert done.returncode == 0, done.stderr
     warnings = [line for line in done.stderr.splitlines() if line]
     assert all(" WARNING " in line for line in warnings), warnings

@@ -1,4 +1,4 @@
-"""The systems a model folder holds (system.json) and process.py --model convnext3d |
+"""The systems a model folder holds (system.json) and process.py --system convnext3d |
 ensemble, and the pretraining that finetune starts from."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _run(model_dir: Path, work: Path, kind: str | None) -> tuple[int, dict[str, 
         [
             "--input", str(work / "input"), "--output", str(work / "output"),
             "--model-dir", str(model_dir), "--device", "cpu",
-            *(("--model", kind) if kind else ()),
+            *(("--system", kind) if kind else ()),
         ]
     )  # fmt: skip
     outputs = {p.name: json.loads(p.read_text()) for p in (work / "output").glob("*.json")}
@@ -86,7 +86,7 @@ def test_process_py_runs_the_convnext_and_the_ensemble(
 def test_the_folder_says_which_system_runs(
     model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """load_model_folder runs what system.json names; --model overrides it, and says so;
+    """load_model_folder runs what system.json names; --system overrides it, and says so;
     a lung mask goes to Balaitous inside the ensemble, and the ConvNeXt refuses one."""
     folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
     weights = {
@@ -110,7 +110,7 @@ def test_the_folder_says_which_system_runs(
     caplog.clear()
     overridden, choice = load_model_folder(folder, system="balaitous")
     assert isinstance(overridden, Balaitous) and choice.system == "balaitous"
-    assert f"--model balaitous overrides what {folder}/system.json holds: ensemble" in caplog.text
+    assert f"--system balaitous overrides what {folder}/system.json holds: ensemble" in caplog.text
     status, outputs = _run(folder, tmp_path / "no-flag", None)
     assert status == 0 and outputs["probability-severe-covid-19.json"] == pytest.approx(
         result.probabilities.severe, abs=1e-6

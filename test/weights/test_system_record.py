@@ -129,7 +129,7 @@ def test_overrides_are_logged(folder: Path, caplog: pytest.LogCaptureFixture) ->
     choice = choose(folder, "convnext3d", "convnext3d-frozen")
     assert (choice.system, choice.encoder) == ("convnext3d", "convnext3d-frozen")
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert any(line.startswith("--model convnext3d overrides what ") for line in lines)
+    assert any(line.startswith("--system convnext3d overrides what ") for line in lines)
     assert any(line.endswith("system.json holds: vit") for line in lines)
     caplog.clear()
     choose(folder, "ensemble", "vit")  # the same as the folder's: nothing to say
@@ -162,9 +162,9 @@ def test_check_model_folder(folder: Path) -> None:
 
 def test_the_command_line_as_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(system_record, "_COMMAND", [])
-    monkeypatch.setattr(sys, "argv", ["/opt/app/train.py", "--system", "both", "--out", "a b"])
-    assert current_command() == "train.py --system both --out 'a b'"
+    monkeypatch.setattr(sys, "argv", ["/opt/app/train.py", "--system", "ensemble", "--out", "a b"])
+    assert current_command() == "train.py --system ensemble --out 'a b'"
     monkeypatch.setattr(sys, "argv", ["/x/stoic_ct/__main__.py", "install-heads", "h/"])
     assert current_command() == "python -m stoic_ct install-heads h/"
-    invoked_as("train.py", ["--system", "both"])  # an entry point called with its own argv
-    assert current_command() == "train.py --system both"
+    invoked_as("train.py", ["--system", "ensemble"])  # an entry point called with its own argv
+    assert current_command() == "train.py --system ensemble"

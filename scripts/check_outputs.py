@@ -1,15 +1,17 @@
-"""Check a run's outputs against the expected values for the model files that made them.
+"""Check a run's outputs on the shipped test case (test/input) against the expected values
+for the model files that made them: the last step of `make demo` and `./test.sh`.
 
-`test/expected_output.json` lists cases, each keyed by its model files: the sha256 of the
-four real files, or, for random weights, the recipe line of their RANDOM_WEIGHTS marker
-(torch.save's bytes differ between runs). Outputs made with model files that have a case
-must match it within the tolerance; others are checked for format and range only, and the
-verdict says so.
+`test/expected_output.json`, beside the case, lists cases, each keyed by its model files:
+the sha256 of the four real files, or, for random weights, the recipe line of their
+RANDOM_WEIGHTS marker (torch.save's bytes differ between runs). Outputs made with model
+files that have a case must match it within the tolerance; others are checked for format
+and range only, and the verdict says so.
 
-    python -m stoic_ct.weights.expected OUTPUT_DIR [--model-dir DIR] [--expected FILE]
+    python3 -m scripts.check_outputs OUTPUT_DIR [--model-dir DIR] [--expected FILE]
         [--record NOTE]
 
-Standard library only: test.sh runs it on a host without the project's packages.
+Run from the repository's root. Standard library only (beside the package's standard-library
+modules): test.sh runs it on a host without the project's packages.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from stoic_ct.io.output_names import COVID_OUTPUT, SEVERE_OUTPUT
 from stoic_ct.weights.model_files import (
     ALL_FILES,
     REPOSITORY_MODEL_DIR,
-    REPOSITORY_ROOT,
     ModelFiles,
     sha256_of,
 )
 
 OUTPUT_NAMES = (COVID_OUTPUT, SEVERE_OUTPUT)
-EXPECTED_FILE = REPOSITORY_ROOT / "test" / "expected_output.json"
+# Beside the test case of the checkout this script is in (absolute, not resolved: a checkout
+# made of links reads its own).
+EXPECTED_FILE = Path(__file__).absolute().parent.parent / "test" / "expected_output.json"
 TOLERANCE = 1e-4
 
 
@@ -123,7 +126,7 @@ def record(
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the verdict; 0 unless the outputs are wrong."""
     parser = argparse.ArgumentParser(
-        prog="python -m stoic_ct.weights.expected",
+        prog="python3 -m scripts.check_outputs",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
