@@ -20,6 +20,13 @@ logger = logging.getLogger("stoic_ct")
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """fetch-weights, check-model, sample-scans and random-weights."""
+    _register_fetch_weights(commands)
+    _register_check_model(commands)
+    _register_sample_scans(commands)
+    _register_random_weights(commands)
+
+
+def _register_fetch_weights(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fetch = commands.add_parser(
         "fetch-weights",
         help="download and check the four model files",
@@ -52,6 +59,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "$PIP_INDEX_URL, else pip's configuration, else pip's default)",
     )
     fetch.set_defaults(handler=run_fetch_weights)
+
+
+def _register_check_model(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = commands.add_parser(
         "check-model",
         help="say which system a model folder holds, and check its files",
@@ -68,6 +78,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "repository's model/)",
     )
     check.set_defaults(handler=run_check_model)
+
+
+def _register_sample_scans(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     samples = commands.add_parser(
         "sample-scans",
         help="fetch two public chest CTs (from the pyradiomics 3.1.0 source archive)",
@@ -89,6 +102,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "configuration, else pip's default)",
     )
     samples.set_defaults(handler=run_sample_scans)
+
+
+def _register_random_weights(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     random = commands.add_parser(
         "random-weights",
         help="write random model files in the published layouts",

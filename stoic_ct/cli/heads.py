@@ -27,6 +27,16 @@ logger = logging.getLogger("stoic_ct")
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """extract-features, merge-features, fit-heads, install-heads and evaluate."""
+    _register_extract_features(commands)
+    _register_merge_features(commands)
+    _register_fit_heads(commands)
+    _register_install_heads(commands)
+    _register_evaluate(commands)
+
+
+def _register_extract_features(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     extract = commands.add_parser(
         "extract-features",
         help="encoder features of every scan of a STOIC-layout cohort",
@@ -57,6 +67,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     extract.add_argument("--batch-size", type=int, default=None, help="slices per encoder batch")
     add_model_arguments(extract)
     extract.set_defaults(handler=run_extract_features)
+
+
+def _register_merge_features(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     merge = commands.add_parser(
         "merge-features",
         help="merge shard feature tables into one",
@@ -68,6 +81,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     merge.add_argument("tables", nargs="+", type=Path, metavar="TABLE")
     merge.add_argument("--out", type=Path, required=True, help="merged table to write")
     merge.set_defaults(handler=run_merge_features)
+
+
+def _register_fit_heads(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fit = commands.add_parser(
         "fit-heads",
         help="fit the four logistic regressions: a new balaitous.npz",
@@ -81,6 +97,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     fit.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
     _fit_arguments(fit)
     fit.set_defaults(handler=run_fit_heads)
+
+
+def _register_install_heads(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     install = commands.add_parser(
         "install-heads",
         help="put fitted heads into a model folder",
@@ -97,6 +116,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="model folder (default: the repository's model/)",
     )
     install.set_defaults(handler=run_install_heads)
+
+
+def _register_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="cross-validated ROC-AUC of the heads, or a score of given predictions",

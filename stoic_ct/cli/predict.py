@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -26,11 +27,22 @@ from stoic_ct.weights.model_files import (
     default_model_dir,
 )
 
+if TYPE_CHECKING:
+    from stoic_ct.inference.pipeline import BalaitousPrediction
+    from stoic_ct.inference.precision import ModelSettings
+    from stoic_ct.inference.prediction import System
+    from stoic_ct.inference.scan_pipeline import Outcome
+
 logger = logging.getLogger("stoic_ct")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """predict."""
+    _register_predict(commands)
+    _register_merge_predictions(commands)
+
+
+def _register_predict(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     predict = commands.add_parser(
         "predict",
         help="P(COVID-19) and P(severe COVID-19) for each scan",
@@ -101,6 +113,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_shard_argument(predict, "images, in the order of their paths (needs --csv)")
     add_model_arguments(predict, system=True)
     predict.set_defaults(handler=run_predict)
+
+
+def _register_merge_predictions(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     merge = commands.add_parser(
         "merge-predictions",
         help="merge the results tables of every shard of a predict run",
@@ -120,66 +137,11 @@ def run_predict(args: argparse.Namespace) -> int:
     log_runtime()
     from stoic_ct.inference.qc import write_qc
     from stoic_ct.inference.scan_pipeline import WORKERS, ScanJob, predict_scans
-    from stoic_ct.inference.systems import balaitous_part, load_model_folder
-    from stoic_ct.weights.system_record import choose
 
-    masks: list[Path | None] = list(args.lung_mask) if args.lung_mask else [None] * len(args.images)
-    if len(masks) != len(args.images):
-        raise StoicError(
-            f"{len(masks)} --lung-mask files for {len(args.images)} images; "
-            "give one mask per image, in the same order"
-        )
-    if args.batch_size is not None and args.batch_size < 1:
-        raise StoicError(f"--batch-size must be at least 1, not {args.batch_size}")
-    if args.workers is not None and args.workers < 0:
-        raise StoicError(f"--workers must be 0 or more, not {args.workers}")
-    if args.resume and args.csv is None:
-        raise StoicError("--resume needs --csv: the results table tells which scans are done")
-    images = list(zip(args.images, masks, strict=True))
-    index, count = resolve_shard(args.shard)
-    if count > 1:
-        if args.csv is None:
-            raise StoicError(
-                "--shard needs --csv: each shard writes its own table, which "
-                "merge-predictions merges"
-            )
-        images = take_shard(images, index, count, lambda pair: str(pair[0]))
-        logger.info("shard %d/%d: %d of %d images", index, count, len(images), len(masks))
-    model_dir = args.model_dir or default_model_dir()
+    images, (index, count) = _images_to_score(args)
     settings = model_settings(args)
-    if (args.system or choose(model_dir).system) == "convnext3d":
-        for flag, given in (("--lung-mask", args.lung_mask), ("--qc", args.qc)):
-            if given is not None:
-                raise StoicError(
-                    f"{flag} is for Balaitous and the ensemble: the convnext3d system sees "
-                    "the whole scan, without a lung mask"
-                )
-    started = time.perf_counter()
-    model, choice = load_model_folder(
-        model_dir,
-        settings,
-        system=args.system,
-        lung_masks="r231" if args.lung_mask is None else "given",
-    )
-    logger.info(
-        "%s loaded from %s on %s in %.1f s",
-        choice.system,
-        model_dir,
-        settings.device,
-        time.perf_counter() - started,
-    )
-
-    done: set[str] = set()
-    if args.csv is not None:
-        try:
-            done = start_csv(args.csv, args.resume)
-        except ValueError as error:
-            raise StoicError(str(error)) from None
-        if count > 1:
-            record = shard_record([str(path) for path in args.images], index, count)
-            write_shard_record(args.csv, record)
-        if done:
-            logger.info("%s holds results for %d of the scans: skipping them", args.csv, len(done))
+    model, system = _load_model(args, settings)
+    done = _open_table(args, index, count)
     qc_names = dict(zip(images, qc_file_names([image for image, _ in images]), strict=True))
     jobs = [
         ScanJob(image, mask, args.age, args.sex, args.orientation)
@@ -204,31 +166,14 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     for outcome in predict_scans(model, jobs, workers):
         progress.update()
-        job, result, demographics = outcome.job, outcome.prediction, outcome.demographics
-        row: dict[str, object] = {"image": str(job.image)}
-        if outcome.error is not None:
-            logger.error("%s", outcome.error)
-            row["error"] = str(outcome.error)
-        row["warnings"] = " | ".join(outcome.warnings)
-        if result is None or demographics is None:
-            failed += 1
-            if args.csv is not None:
-                append_row(args.csv, row)
-            continue
-        p, seen = result.probabilities, balaitous_part(result)
-        row |= {
-            "probability_covid_19": f"{p.covid:.6f}",
-            "probability_severe_covid_19": f"{p.severe:.6f}",
-            "age_years": f"{demographics.age_years:g}",
-            "age_source": demographics.age_source,
-            "sex": demographics.sex or "",
-            "sex_source": demographics.sex_source,
-            "lung_found": "" if seen is None else seen.slices.lung_found,
-            "system": choice.system,
-        }
+        row, seen = _result_row(outcome, system)
         if args.csv is not None:
             append_row(args.csv, row)
-        timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+        if outcome.prediction is None or outcome.demographics is None:
+            failed += 1
+            continue
+        job, p = outcome.job, outcome.prediction.probabilities
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in outcome.prediction.seconds.items())
         logger.info("%s: %s", job.image, timings)
         print(
             f"{job.image}\tP(COVID-19)={p.covid:.4f}\tP(severe COVID-19)={p.severe:.4f}",
@@ -245,6 +190,118 @@ def run_predict(args: argparse.Namespace) -> int:
     if failed:
         logger.error("%d of %d scans failed; see the messages above", failed, len(images))
     return 1 if failed else 0
+
+
+def _images_to_score(
+    args: argparse.Namespace,
+) -> tuple[list[tuple[Path, Path | None]], tuple[int, int]]:
+    """The (image, lung mask) pairs of this shard, and the shard (index, count).
+
+    Raises:
+        StoicError: for options that do not go together.
+    """
+    masks: list[Path | None] = list(args.lung_mask) if args.lung_mask else [None] * len(args.images)
+    if len(masks) != len(args.images):
+        raise StoicError(
+            f"{len(masks)} --lung-mask files for {len(args.images)} images; "
+            "give one mask per image, in the same order"
+        )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise StoicError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise StoicError(f"--workers must be 0 or more, not {args.workers}")
+    if args.resume and args.csv is None:
+        raise StoicError("--resume needs --csv: the results table tells which scans are done")
+    images = list(zip(args.images, masks, strict=True))
+    index, count = resolve_shard(args.shard)
+    if count > 1:
+        if args.csv is None:
+            raise StoicError(
+                "--shard needs --csv: each shard writes its own table, which "
+                "merge-predictions merges"
+            )
+        images = take_shard(images, index, count, lambda pair: str(pair[0]))
+        logger.info("shard %d/%d: %d of %d images", index, count, len(images), len(masks))
+    return images, (index, count)
+
+
+def _load_model(args: argparse.Namespace, settings: ModelSettings) -> tuple[System, str]:
+    """The system to run (loaded once) and its name.
+
+    Raises:
+        StoicError: for a lung mask or QC asked of the ConvNeXt, or a model file problem.
+    """
+    from stoic_ct.inference.systems import load_model_folder
+    from stoic_ct.weights.system_record import choose
+
+    model_dir = args.model_dir or default_model_dir()
+    if (args.system or choose(model_dir).system) == "convnext3d":
+        for flag, given in (("--lung-mask", args.lung_mask), ("--qc", args.qc)):
+            if given is not None:
+                raise StoicError(
+                    f"{flag} is for Balaitous and the ensemble: the convnext3d system sees "
+                    "the whole scan, without a lung mask"
+                )
+    started = time.perf_counter()
+    model, choice = load_model_folder(
+        model_dir,
+        settings,
+        system=args.system,
+        lung_masks="r231" if args.lung_mask is None else "given",
+    )
+    logger.info(
+        "%s loaded from %s on %s in %.1f s",
+        choice.system,
+        model_dir,
+        settings.device,
+        time.perf_counter() - started,
+    )
+    return model, choice.system
+
+
+def _open_table(args: argparse.Namespace, index: int, count: int) -> set[str]:
+    """Start --csv (or take up the rows it holds, with --resume): the images already done."""
+    if args.csv is None:
+        return set()
+    try:
+        done = start_csv(args.csv, args.resume)
+    except ValueError as error:
+        raise StoicError(str(error)) from None
+    if count > 1:
+        record = shard_record([str(path) for path in args.images], index, count)
+        write_shard_record(args.csv, record)
+    if done:
+        logger.info("%s holds results for %d of the scans: skipping them", args.csv, len(done))
+    return done
+
+
+def _result_row(
+    outcome: Outcome, system: str
+) -> tuple[dict[str, object], BalaitousPrediction | None]:
+    """The results table's row of one scan (its error where it failed), and what Balaitous
+    saw of it (for the QC picture; None for the ConvNeXt or a failed scan)."""
+    from stoic_ct.inference.systems import balaitous_part
+
+    result, demographics = outcome.prediction, outcome.demographics
+    row: dict[str, object] = {"image": str(outcome.job.image)}
+    if outcome.error is not None:
+        logger.error("%s", outcome.error)
+        row["error"] = str(outcome.error)
+    row["warnings"] = " | ".join(outcome.warnings)
+    if result is None or demographics is None:
+        return row, None
+    p, seen = result.probabilities, balaitous_part(result)
+    row |= {
+        "probability_covid_19": f"{p.covid:.6f}",
+        "probability_severe_covid_19": f"{p.severe:.6f}",
+        "age_years": f"{demographics.age_years:g}",
+        "age_source": demographics.age_source,
+        "sex": demographics.sex or "",
+        "sex_source": demographics.sex_source,
+        "lung_found": "" if seen is None else seen.slices.lung_found,
+        "system": system,
+    }
+    return row, seen
 
 
 def run_merge_predictions(args: argparse.Namespace) -> int:

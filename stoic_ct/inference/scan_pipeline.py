@@ -22,7 +22,7 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +35,12 @@ from stoic_ct.inference.lung_masks import R231Segmenter
 from stoic_ct.inference.pipeline import Balaitous, SliceStack, Stopwatch, prepare_slices
 from stoic_ct.inference.prediction import Prediction, System
 from stoic_ct.inference.results_table import collected_warnings
-from stoic_ct.inference.systems import ConvNeXtSystem, EnsembleSystem
+from stoic_ct.inference.systems import (
+    ConvNeXtSystem,
+    EnsembleSystem,
+    balaitous_of,
+    members_of,
+)
 from stoic_ct.io.demographics import Demographics, resolve_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.io.orientation import Orientation
@@ -125,12 +130,11 @@ class Outcome:
 
 def plan_of(system: System) -> Plan:
     """The stages `system` needs."""
-    members = system.members.values() if isinstance(system, EnsembleSystem) else [system]
-    balaitous = next((m for m in members if isinstance(m, Balaitous)), None)
+    balaitous = balaitous_of(system)
     return Plan(
         balaitous=balaitous is not None,
         unet=balaitous is not None and isinstance(balaitous.segmenter, R231Segmenter),
-        volume=any(isinstance(m, ConvNeXtSystem) for m in members),
+        volume=any(isinstance(m, ConvNeXtSystem) for m in members_of(system).values()),
     )
 
 
@@ -308,9 +312,8 @@ def _brought(warnings: list[str], pid: int) -> list[str]:
 def _predict(system: System, prepared: Prepared, cropped: Cropped | None) -> Prediction:
     demographics = prepared.demographics
     assert demographics is not None
-    members = system.members if isinstance(system, EnsembleSystem) else {"": system}
     outcomes: dict[str, Prediction] = {}
-    for name, member in members.items():
+    for name, member in members_of(system).items():
         if isinstance(member, Balaitous):
             assert cropped is not None and cropped.stack is not None
             seconds = _added(prepared.seconds, cropped.seconds)
@@ -334,7 +337,6 @@ def _added(*parts: dict[str, float]) -> dict[str, float]:
 
 
 def _balaitous(system: System) -> Balaitous:
-    members: Sequence[System] = (
-        list(system.members.values()) if isinstance(system, EnsembleSystem) else [system]
-    )
-    return next(m for m in members if isinstance(m, Balaitous))
+    balaitous = balaitous_of(system)
+    assert balaitous is not None, "only a plan with Balaitous segments and crops"
+    return balaitous

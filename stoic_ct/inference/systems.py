@@ -164,6 +164,17 @@ class EnsembleSystem:
         return EnsemblePrediction(Probabilities(covid=covid, severe=severe), seconds, outcomes)
 
 
+def members_of(system: System) -> dict[str, System]:
+    """The systems that predict within `system`: an ensemble's members by name, else the
+    system itself (named "")."""
+    return dict(system.members) if isinstance(system, EnsembleSystem) else {"": system}
+
+
+def balaitous_of(system: System) -> Balaitous | None:
+    """The Balaitous within `system` (the system itself or an ensemble's member), if any."""
+    return next((m for m in members_of(system).values() if isinstance(m, Balaitous)), None)
+
+
 def balaitous_part(prediction: Prediction) -> BalaitousPrediction | None:
     """What Balaitous saw and gave, in a prediction of Balaitous or of the ensemble."""
     if isinstance(prediction, EnsemblePrediction):
@@ -182,10 +193,12 @@ def fit_to_gpu(system: System, settings: ModelSettings, budget: int | None = Non
     device = settings.device
     if device.type != "cuda":
         return
-    members = system.members if isinstance(system, EnsembleSystem) else {"": system}
-    balaitous = next((m for m in members.values() if isinstance(m, Balaitous)), None)
+    balaitous = balaitous_of(system)
     ensembles = [
-        e for m in members.values() if isinstance(m, ConvNeXtSystem) for e in (m.covid, m.severe)
+        e
+        for m in members_of(system).values()
+        if isinstance(m, ConvNeXtSystem)
+        for e in (m.covid, m.severe)
     ]
     workload = workload_of(balaitous, ensembles, settings.precision)
     if budget is None:
