@@ -1,7 +1,8 @@
 """The Balaïtous pipeline: a CT volume and the patient's age and sex in, two probabilities out.
 
-`prepare_slices` is the pure part (published steps 4-7); `Balaitous` owns the models and
-the device, loads them once, and runs any number of scans.
+`Balaitous` owns the models and the device, loads them once, and runs any number of scans;
+the pure steps it runs are in stoic_ct.preprocessing (resampling, lung_segmentation's pre-
+and post-processing, cropping.prepare_slices for steps 4-7).
 """
 
 from __future__ import annotations
@@ -22,14 +23,7 @@ from stoic_ct.inference.prediction import Prediction
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.volume import Volume
 from stoic_ct.models.heads import LogisticHeads
-from stoic_ct.preprocessing.cropping import (
-    InPlaneCrop,
-    clean_lung_mask,
-    crop_or_pad,
-    lung_slice_range,
-    mask_outside_lungs,
-    to_slice_layout,
-)
+from stoic_ct.preprocessing.cropping import SliceStack, mask_outside_lungs, prepare_slices
 from stoic_ct.preprocessing.lung_segmentation import LungSegmenter, labels_from_mask_image
 from stoic_ct.preprocessing.resampling import resample
 from stoic_ct.weights.checkpoints import check_r231_weights
@@ -49,46 +43,6 @@ logger = logging.getLogger(__name__)
 # Where the lung masks come from: the R231 U-Net, the caller (with each scan), or a
 # segmenter of the caller's.
 LungMasks = Literal["r231", "given"] | LungSegmenter
-
-
-@dataclass(frozen=True)
-class SliceStack:
-    """What the encoders see, on the working grid in the published (H, W, Z) layout.
-
-    Attributes:
-        image: (224, 224, Z) HU, every axial slice of the scan.
-        mask: (224, 224, Z) bool, the cleaned lung mask.
-        kept: the axial slices given to the encoders.
-        crop: where the 224 x 224 window lies on the resampled slices.
-        lung_found: False when the mask is empty and all slices are kept.
-    """
-
-    image: np.ndarray
-    mask: np.ndarray
-    kept: slice
-    crop: InPlaneCrop
-    lung_found: bool
-
-
-def prepare_slices(volume: Volume, labels: np.ndarray) -> SliceStack:
-    """Published steps 4-7 on a resampled volume and its (z, y, x) lung labels."""
-    image = to_slice_layout(volume.voxels)
-    if not (
-        np.issubdtype(image.dtype, np.signedinteger) or np.issubdtype(image.dtype, np.floating)
-    ):
-        # Padding and masking write -1024, which unsigned types cannot hold.
-        image = image.astype(np.float32)
-    mask = clean_lung_mask(image, to_slice_layout(labels))
-    image, mask, crop = crop_or_pad(image, mask)
-    kept = lung_slice_range(mask)
-    if kept is None:
-        logger.warning(
-            "no lung found in the scan; the model sees all %d axial slices, uncropped, and "
-            "an empty lung mask: check the scan (QC image) before trusting the result",
-            image.shape[2],
-        )
-        return SliceStack(image, mask, slice(0, image.shape[2]), crop, lung_found=False)
-    return SliceStack(image, mask, kept, crop, lung_found=True)
 
 
 @dataclass(frozen=True)

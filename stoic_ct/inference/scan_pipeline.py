@@ -32,7 +32,7 @@ import numpy as np
 
 from stoic_ct.errors import StoicError
 from stoic_ct.inference.lung_masks import R231Segmenter
-from stoic_ct.inference.pipeline import Balaitous, SliceStack, Stopwatch, prepare_slices
+from stoic_ct.inference.pipeline import Balaitous, Stopwatch
 from stoic_ct.inference.prediction import Prediction, System
 from stoic_ct.inference.results_table import collected_warnings
 from stoic_ct.inference.systems import (
@@ -45,6 +45,7 @@ from stoic_ct.io.demographics import Demographics, resolve_demographics
 from stoic_ct.io.imageio import read_scan
 from stoic_ct.io.orientation import Orientation
 from stoic_ct.io.volume import Volume
+from stoic_ct.preprocessing.cropping import SliceStack, prepare_slices
 from stoic_ct.preprocessing.lung_segmentation import (
     UNetInput,
     labels_from_mask_image,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from stoic_ct.io.volume import Volume
+
 logger = logging.getLogger(__name__)
 
 SLICE_SIZE = 224
@@ -147,3 +149,43 @@ def lung_slice_range(mask: np.ndarray, trim: float = SLICE_TRIM_FRACTION) -> sli
 def mask_outside_lungs(image: np.ndarray, mask: np.ndarray, value: float = PAD_HU) -> np.ndarray:
     """A copy of `image` with every voxel outside `mask` set to `value` (published step 9)."""
     return np.where(mask, image, np.asarray(value, dtype=image.dtype))
+
+
+@dataclass(frozen=True)
+class SliceStack:
+    """What the encoders see, on the working grid in the published (H, W, Z) layout.
+
+    Attributes:
+        image: (224, 224, Z) HU, every axial slice of the scan.
+        mask: (224, 224, Z) bool, the cleaned lung mask.
+        kept: the axial slices given to the encoders.
+        crop: where the 224 x 224 window lies on the resampled slices.
+        lung_found: False when the mask is empty and all slices are kept.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    kept: slice
+    crop: InPlaneCrop
+    lung_found: bool
+
+
+def prepare_slices(volume: Volume, labels: np.ndarray) -> SliceStack:
+    """Published steps 4-7 on a resampled volume and its (z, y, x) lung labels."""
+    image = to_slice_layout(volume.voxels)
+    if not (
+        np.issubdtype(image.dtype, np.signedinteger) or np.issubdtype(image.dtype, np.floating)
+    ):
+        # Padding and masking write -1024, which unsigned types cannot hold.
+        image = image.astype(np.float32)
+    mask = clean_lung_mask(image, to_slice_layout(labels))
+    image, mask, crop = crop_or_pad(image, mask)
+    kept = lung_slice_range(mask)
+    if kept is None:
+        logger.warning(
+            "no lung found in the scan; the model sees all %d axial slices, uncropped, and "
+            "an empty lung mask: check the scan (QC image) before trusting the result",
+            image.shape[2],
+        )
+        return SliceStack(image, mask, slice(0, image.shape[2]), crop, lung_found=False)
+    return SliceStack(image, mask, kept, crop, lung_found=True)

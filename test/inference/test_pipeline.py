@@ -11,11 +11,12 @@ import torch
 
 from helpers import SMALL_PHANTOM, TINY_VIT
 from stoic_ct.errors import InputError, ModelFileError
-from stoic_ct.inference.pipeline import Balaitous, prepare_slices
+from stoic_ct.inference.pipeline import Balaitous
 from stoic_ct.io.demographics import Demographics
 from stoic_ct.io.volume import Volume
 from stoic_ct.models.vit import ViTConfig
 from stoic_ct.phantom import PhantomSpec, make_phantom
+from stoic_ct.preprocessing.cropping import prepare_slices
 from stoic_ct.preprocessing.lung_segmentation import threshold_lungs
 from stoic_ct.preprocessing.resampling import resample
 from stoic_ct.weights.model_files import VIT_IMAGENET
