@@ -25,7 +25,7 @@ platform's shim, this polls GET /health (from inside the container, on 127.0.0.1
 until it answers 200, for 300 s at most, then calls POST /invoke once and stops the
 container with SIGTERM (SIGKILL 5 s later), and prints its stdout and stderr; exits 0 when
 /invoke answered 201. With --detach NAME the container, named NAME, is left running once
-healthy, for the caller to invoke (scripts/invoke-client.py) and stop.
+healthy, for the caller to invoke (scripts/invoke_client.py) and stop.
 USAGE
 }
 
@@ -100,7 +100,7 @@ fi
 
 # The invoke API, driven as the platform's shim drives it.
 name=${detach:-stoic-invoke-$$}
-client=$(cat "$here/scripts/invoke-client.py")
+client=$(cat "$here/scripts/invoke_client.py")
 call() { "$engine" exec "$name" python -c "$client" "$@"; }
 stop() {
     "$engine" stop --time 5 "$name" >/dev/null 2>&1 || true

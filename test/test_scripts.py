@@ -108,7 +108,7 @@ def checkout(tmp_path: Path, tiny_model_dir: Path) -> Path:
     for script in (*SCRIPTS, "Dockerfile"):
         shutil.copy2(REPOSITORY / script, root / script)
     for script in (
-        *("args.sh", "engine.sh", "model.sh", "platform-run.sh", "invoke-client.py"),
+        *("args.sh", "engine.sh", "model.sh", "platform-run.sh", "invoke_client.py"),
         *("__init__.py", "check_outputs.py"),
     ):
         shutil.copy2(REPOSITORY / "scripts" / script, root / "scripts" / script)

@@ -363,7 +363,7 @@ def test_no_model_files(exec_image: str, tmp_path: Path) -> None:
     assert list(output.iterdir()) == []
 
 
-CLIENT = (REPOSITORY / "scripts" / "invoke-client.py").read_text()
+CLIENT = (REPOSITORY / "scripts" / "invoke_client.py").read_text()
 
 
 class InvokeContainer:

@@ -1,7 +1,7 @@
 """The platform shim's two calls to the invoke API, run inside the container: its network
 is the container's (none but loopback), as the shim's is.
 
-    python -c "$(cat scripts/invoke-client.py)" health|invoke [TIMEOUT_S]
+    python -c "$(cat scripts/invoke_client.py)" health|invoke [TIMEOUT_S]
 
 Prints "STATUS SECONDS" (status 0: no answer: connection refused or timed out) and exits
 0 on the status the shim counts as success (health 200, invoke 201), else 1. Like the
