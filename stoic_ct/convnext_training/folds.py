@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
-from stoic_ct.convnext_training.augmentation import augmentation
+from stoic_ct.convnext_training.augmentation import Compose, augmentation
 from stoic_ct.convnext_training.cube_cache import Cube, load_batch, metadata_batch
 from stoic_ct.convnext_training.recipes import FinetuneSettings, class_names
 from stoic_ct.convnext_training.trainer import Evaluation, Trainer, fit, seed_of
@@ -115,6 +116,125 @@ def weighted_loss(
     return (weight * each).sum() / (weight.sum() if total_weight is None else total_weight)
 
 
+@dataclass(frozen=True)
+class FoldRun:
+    """One fold's training data and network, with its epoch and its validation (the two
+    steps `fit` calls), alone or as one rank of `team`.
+
+    Attributes:
+        weights: (C,) the training fold's balanced class weights; class_weight the same
+            on the device.
+        train, valid: the fold's rows of `labels`; train_cubes, valid_cubes their cubes.
+    """
+
+    fold: int
+    settings: FinetuneSettings
+    device: torch.device
+    trainer: Trainer
+    labels: np.ndarray
+    train: np.ndarray
+    valid: np.ndarray
+    train_cubes: list[Cube]
+    valid_cubes: list[Cube]
+    weights: np.ndarray
+    class_weight: torch.Tensor
+    augment: Compose | None
+    team: Team | None
+    progress: bool
+
+    @property
+    def title(self) -> str:
+        return f"fold {self.fold + 1}/{self.settings.folds}"
+
+    @property
+    def with_metadata(self) -> bool:
+        return bool(self.settings.metadata_names)
+
+    def loss(
+        self,
+        net: torch.nn.Module,
+        images: torch.Tensor,
+        metadata: torch.Tensor | None,
+        target: torch.Tensor,
+        scale: float = 1.0,
+        normaliser: float | None = None,
+    ) -> torch.Tensor:
+        """The weighted loss of a batch (or of this rank's share of it, times `scale`)."""
+        logits = net(images, metadata).float()
+        return scale * weighted_loss(
+            logits, target, self.class_weight, self.settings.head, normaliser
+        )
+
+    def train_epoch(self, epoch: int) -> float:
+        """One epoch over the training fold; its mean loss per patient."""
+        settings, fold, team = self.settings, self.fold, self.team
+        torch.manual_seed(seed_of(settings.seed, fold, epoch, 1))  # drop path
+        order = torch.randperm(
+            len(self.train),
+            generator=torch.Generator().manual_seed(seed_of(settings.seed, fold, epoch)),
+        ).tolist()
+        batches = [
+            order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
+        ]
+        train_labels = torch.from_numpy(self.labels[self.train]).to(self.device)
+        total = 0.0
+        bar = tqdm(
+            batches,
+            desc=f"{self.title} epoch {epoch + 1}",
+            unit="batch",
+            leave=False,
+            disable=None if self.progress and (team is None or team.writes) else True,
+        )
+        for batch in bar:
+            rows, scale, normaliser = batch, 1.0, None
+            if team is not None:
+                # The share's loss over the whole batch's weights, times the team's size
+                # (DDP averages the ranks' gradients); a rank without a share steps on
+                # its batch's first patient at weight 0, as DDP needs every rank's step.
+                normaliser = float(self.weights[self.labels[self.train][batch]].sum()) / team.size
+                share = team.share(batch)
+                rows, scale = (share, 1.0) if share else (batch[:1], 0.0)
+            seeds = [seed_of(settings.seed, fold, epoch, 2, i) for i in rows]
+            images, _ = load_batch(self.train_cubes, rows, self.device, self.augment, seeds)
+            metadata = (
+                metadata_batch(self.train_cubes, rows, self.device) if self.with_metadata else None
+            )
+            step_loss = partial(self.loss, scale=scale, normaliser=normaliser)
+            value = self.trainer.step(step_loss, images, metadata, train_labels[rows])
+            total += value * (len(batch) if team is None else len(batch) / team.size)
+        if team is not None:
+            total = team.total(total)
+        return total / len(order)
+
+    def evaluate(self, net: torch.nn.Module) -> Evaluation:
+        """The validation fold's loss, metric and (V, C) probabilities (the team's shares
+        gathered in order)."""
+        settings, team = self.settings, self.team
+        mine = self.valid_cubes if team is None else team.share(self.valid_cubes)
+        logits = (
+            predict_cubes(
+                net,
+                mine,
+                self.device,
+                settings.batch_size,
+                self.trainer.autocast(),
+                self.with_metadata,
+            )
+            if mine
+            else torch.zeros((0, 1))
+        )
+        if team is not None:
+            parts = [list(part) for part in team.gather(logits)]
+            logits = torch.stack(interleave(parts))
+        valid_labels = torch.from_numpy(self.labels[self.valid])
+        valid_loss = float(
+            weighted_loss(logits, valid_labels, self.class_weight.cpu(), settings.head)
+        )
+        probabilities = head_probabilities(logits, settings.head)
+        metric = task_metric(settings.task, valid_labels.numpy(), probabilities.numpy())
+        return Evaluation(valid_loss, metric, probabilities)
+
+
 def train_fold(
     fold: int,
     cubes: Sequence[Cube],
@@ -136,98 +256,44 @@ def train_fold(
     weights = compute_class_weight("balanced", classes=np.arange(classes), y=labels[train]).astype(
         np.float32
     )
-    class_weight = torch.from_numpy(weights).to(device)
-    augment = augmentation(settings.augment)
-    train_cubes = [cubes[i] for i in train]
-    valid_cubes = [cubes[i] for i in valid]
-    train_labels = torch.from_numpy(labels[train]).to(device)
-    valid_labels = torch.from_numpy(labels[valid])
-    with_metadata = bool(settings.metadata_names)
-    title = f"fold {fold + 1}/{settings.folds}"
+    run = FoldRun(
+        fold=fold,
+        settings=settings,
+        device=device,
+        trainer=trainer,
+        labels=labels,
+        train=train,
+        valid=valid,
+        train_cubes=[cubes[i] for i in train],
+        valid_cubes=[cubes[i] for i in valid],
+        weights=weights,
+        class_weight=torch.from_numpy(weights).to(device),
+        augment=augmentation(settings.augment),
+        team=team,
+        progress=progress,
+    )
     says = logger.info if team is None or team.writes else logger.debug
     says(
         "%s: %d training, %d validation patients; class weights %s",
-        title,
+        run.title,
         len(train),
         len(valid),
         ", ".join(f"{w:.3g}" for w in weights),
     )
-
-    def loss(
-        net: torch.nn.Module,
-        images: torch.Tensor,
-        metadata: torch.Tensor | None,
-        target: torch.Tensor,
-        scale: float = 1.0,
-        normaliser: float | None = None,
-    ) -> torch.Tensor:
-        logits = net(images, metadata).float()
-        return scale * weighted_loss(logits, target, class_weight, settings.head, normaliser)
-
-    def train_epoch(epoch: int) -> float:
-        torch.manual_seed(seed_of(settings.seed, fold, epoch, 1))  # drop path
-        order = torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(seed_of(settings.seed, fold, epoch))
-        ).tolist()
-        batches = [
-            order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
-        ]
-        total = 0.0
-        bar = tqdm(
-            batches,
-            desc=f"{title} epoch {epoch + 1}",
-            unit="batch",
-            leave=False,
-            disable=None if progress and (team is None or team.writes) else True,
-        )
-        for batch in bar:
-            rows, scale, normaliser = batch, 1.0, None
-            if team is not None:
-                # The share's loss over the whole batch's weights, times the team's size
-                # (DDP averages the ranks' gradients); a rank without a share steps on
-                # its batch's first patient at weight 0, as DDP needs every rank's step.
-                normaliser = float(weights[labels[train][batch]].sum()) / team.size
-                share = team.share(batch)
-                rows, scale = (share, 1.0) if share else (batch[:1], 0.0)
-            seeds = [seed_of(settings.seed, fold, epoch, 2, i) for i in rows]
-            images, _ = load_batch(train_cubes, rows, device, augment, seeds)
-            metadata = metadata_batch(train_cubes, rows, device) if with_metadata else None
-            step_loss = partial(loss, scale=scale, normaliser=normaliser)
-            value = trainer.step(step_loss, images, metadata, train_labels[rows])
-            total += value * (len(batch) if team is None else len(batch) / team.size)
-        if team is not None:
-            total = team.total(total)
-        return total / len(order)
-
-    def evaluate(net: torch.nn.Module) -> Evaluation:
-        mine = valid_cubes if team is None else team.share(valid_cubes)
-        logits = (
-            predict_cubes(net, mine, device, settings.batch_size, trainer.autocast(), with_metadata)
-            if mine
-            else torch.zeros((0, 1))
-        )
-        if team is not None:
-            parts = [list(part) for part in team.gather(logits)]
-            logits = torch.stack(interleave(parts))
-        valid_loss = float(weighted_loss(logits, valid_labels, class_weight.cpu(), settings.head))
-        probabilities = head_probabilities(logits, settings.head)
-        metric = task_metric(settings.task, valid_labels.numpy(), probabilities.numpy())
-        return Evaluation(valid_loss, metric, probabilities)
-
     outcome = fit(
         trainer,
         epochs=settings.epochs,
-        train_epoch=train_epoch,
-        evaluate=evaluate,
+        train_epoch=run.train_epoch,
+        evaluate=run.evaluate,
         out_dir=out_dir,
         metric_name=metric_name(settings.task),
-        title=title,
+        title=run.title,
         learning_rate=settings.learning_rate,
         writes=team is None or team.writes,
     )
     says(
         "%s: best epoch %d, %s %.4f",
-        title,
+        run.title,
         outcome.best_epoch + 1,
         metric_name(settings.task),
         outcome.best_metric,
